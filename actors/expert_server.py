@@ -1,0 +1,65 @@
+"""An expert: an engine plus its domain instructions and request accounting.
+
+This is the plain class an expert replica runs; `cluster/` makes it a Serve
+deployment. The memory tiers will slot in here (lease, switch, active slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from actors.engine import (
+    Cancellation,
+    ChatMessage,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+)
+
+
+def make_engine(
+    name: str, engine: str, checkpoint_dir: Path, dtype: str, chat_format: str
+) -> Engine:
+    """Build the configured engine; imports stay lazy so DeepSpeed loads only when used."""
+    if engine == "deepspeed":
+        from actors.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(name, checkpoint_dir, dtype=dtype, chat_format=chat_format)
+    if engine == "transformers":
+        from actors.transformers_engine import TransformersEngine
+
+        return TransformersEngine(name, checkpoint_dir, dtype=dtype, chat_format=chat_format)
+    raise ValueError(f"unknown engine {engine!r}; expected 'transformers' or 'deepspeed'")
+
+
+class ExpertServer:
+    """Answers conversations as one expert."""
+
+    def __init__(self, name: str, engine: Engine, system_prompt: str = "") -> None:
+        self.name = name
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.requests = 0
+
+    def _with_instructions(self, request: GenerationRequest) -> GenerationRequest:
+        """Prepend the expert's system prompt unless the client brought its own."""
+        self.requests += 1
+        has_system = any(m.role == "system" for m in request.messages)
+        if not self.system_prompt or has_system:
+            return request
+        system = ChatMessage(role="system", content=self.system_prompt)
+        return replace(request, messages=(system, *request.messages))
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return self.engine.generate(self._with_instructions(request))
+
+    def stream(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> Iterator[StreamChunk]:
+        return self.engine.stream(self._with_instructions(request), cancellation)
+
+    def close(self) -> None:
+        self.engine.close()

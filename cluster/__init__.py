@@ -1,0 +1,1 @@
+"""Ray Serve wiring: config, deployments, ingress, and the `coe` command."""

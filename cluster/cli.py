@@ -1,0 +1,92 @@
+"""The `coe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from actors.checkpoint import CheckpointError
+from cluster.config import DEMO_SOURCES, ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def say(line: str) -> None:
+    print(f"[coe] {line}", flush=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.runner import serve_foreground
+
+    config = load_config(args.config)
+    if args.port is not None:
+        serve = config.serve.model_copy(update={"port": args.port})
+        config = config.model_copy(update={"serve": serve})
+    say(f"config {args.config}: {len(config.experts)} experts, {len(config.categories)} categories")
+    return serve_foreground(config, say)
+
+
+def _demo_build(args: argparse.Namespace) -> int:
+    from actors.demo import build_demo
+
+    config = load_config(args.config)
+    sources = args.source or sorted({e.demo_source for e in config.experts if e.demo_source})
+    built = build_demo(config.resolved_cache_dir(), sources, say)
+    for name, directory in built.items():
+        say(f"{name}: {directory}")
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    say(f"{args.config} is valid: experts {[e.name for e in config.experts]}")
+    for category, expert in sorted(config.category_map.items()):
+        say(f"  {category} -> {expert}")
+    say(f"  below confidence {config.router.confidence_threshold} -> {config.generalist}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="coe", description="Composition-of-Experts cluster.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the CoE in the foreground (Ctrl-C stops)")
+    serve.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="config YAML (default: %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=None, help="override serve.port")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="the embedded demo's weights")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    build = demo_commands.add_parser("build", help="convert the demo experts' weights (idempotent)")
+    build.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the cache dir")
+    build.add_argument(
+        "--source", action="append", choices=DEMO_SOURCES, help="only this source (repeatable)"
+    )
+    build.set_defaults(run=_demo_build)
+
+    config = commands.add_parser("config", help="configuration files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config and print its routing")
+    check.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="config YAML")
+    check.set_defaults(run=_config_check)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "port", None) is not None and not 1 <= args.port <= 65535:
+        say(f"error: --port {args.port} is outside 1..65535")
+        return 2
+    try:
+        code: int = args.run(args)
+    except (ConfigError, CheckpointError) as error:
+        say(f"error: {error}")
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

