@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
-from cluster.config import CoEConfig, load_config
+from cluster.config import CoEConfig, ConfigError, load_config
 from cluster.deployments import ExpertDeployment, IngressDeployment, RouterDeployment
 from cluster.setup_steps import prepare_checkpoints
 
@@ -52,8 +53,12 @@ class BuilderArgs(BaseModel):
     config: str = Field("configs/demo.yaml", description="CoE config file (YAML).")
 
 
-def app_builder(args: BuilderArgs) -> Application:
+def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for `serve run` / `serve deploy`: validates, builds demo weights, binds."""
-    config = load_config(args.config)
+    try:
+        parsed = BuilderArgs.model_validate(args)
+    except ValidationError as error:
+        raise ConfigError(f"bad application args {args!r}: {error}") from None
+    config = load_config(parsed.config)
     checkpoints = prepare_checkpoints(config, progress=lambda line: print(f"[coe] {line}"))
     return build_app(config, checkpoints)

@@ -1,0 +1,79 @@
+"""The official openai client and Python DeploymentHandle calls against the real cluster."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from ray import serve
+
+from cluster.errors import InvalidRequest
+from tests.integration.conftest import RunningCluster
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(cluster: RunningCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_non_streaming(cluster: RunningCluster) -> None:
+    completion = client(cluster).chat.completions.create(model="coe", messages=QUESTION)  # type: ignore[arg-type]
+    assert "Paris" in (completion.choices[0].message.content or "")
+    extra = completion.model_extra or {}
+    assert extra["coe"]["expert"] == "generalist"
+
+
+def test_openai_client_streaming(cluster: RunningCluster) -> None:
+    stream = client(cluster).chat.completions.create(
+        model="coe",
+        messages=QUESTION,  # type: ignore[arg-type]
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert "Paris" in text
+
+
+def test_openai_client_sees_errors(cluster: RunningCluster) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client(cluster).chat.completions.create(model="no-such-model", messages=QUESTION)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        client(cluster).chat.completions.create(model="coe", messages=[])
+
+
+def test_models_through_openai_client(cluster: RunningCluster) -> None:
+    ids = {m.id for m in client(cluster).models.list()}
+    assert {"coe", "generalist", "math-tutor"} <= ids
+
+
+def test_deployment_handle_gives_the_http_result(cluster: RunningCluster) -> None:
+    handle = serve.get_app_handle(cluster.app_name)
+    body = handle.chat.remote({"model": "coe", "messages": QUESTION}).result(timeout_s=120)
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["coe"]["expert"] == "generalist"
+    chunks = list(
+        handle.options(stream=True).chat_stream.remote({"model": "coe", "messages": QUESTION})
+    )
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert "Paris" in text
+    decision = handle.route.remote({"prompt": "Explain recursion in Python."}).result()
+    assert decision["expert"] == "code-assistant"
+
+
+def test_deployment_handle_raises_typed_errors(cluster: RunningCluster) -> None:
+    handle = serve.get_app_handle(cluster.app_name)
+    with pytest.raises(InvalidRequest, match="messages"):
+        handle.chat.remote({"model": "coe", "messages": []}).result(timeout_s=60)
+
+
+def test_each_expert_is_its_own_deployment_with_its_engine(cluster: RunningCluster) -> None:
+    from cluster.app import expert_deployment_name
+
+    status = serve.status().applications[cluster.app_name]
+    for expert in cluster.config.experts:
+        name = expert_deployment_name(expert.name)
+        assert status.deployments[name].status.value == "HEALTHY"
+        info = serve.get_deployment_handle(name, cluster.app_name).info.remote().result()
+        assert info["name"] == expert.name
+        expected = "DeepSpeedEngine" if expert.engine == "deepspeed" else "TransformersEngine"
+        assert info["engine_class"] == expected
+        assert info["parameters"] > 100_000_000

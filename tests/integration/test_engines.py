@@ -1,0 +1,120 @@
+"""Engines on the real demo weights (no Ray): generation, streaming, stops, DeepSpeed parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.checkpoint import CheckpointError
+from actors.deepspeed_engine import DeepSpeedEngine, kernel_injection_supported
+from actors.engine import Cancellation, ChatMessage, GenerationRequest
+from actors.expert_server import ExpertServer, make_engine
+from actors.transformers_engine import TransformersEngine
+
+QUESTION = (ChatMessage("user", "What is the capital of France?"),)
+
+
+@pytest.fixture(scope="module")
+def smollm2(demo_checkpoints: dict[str, Path]) -> TransformersEngine:
+    return TransformersEngine("generalist", demo_checkpoints["generalist"])
+
+
+@pytest.fixture(scope="module")
+def gemma(demo_checkpoints: dict[str, Path]) -> TransformersEngine:
+    return TransformersEngine("storyteller", demo_checkpoints["storyteller"], chat_format="plain")
+
+
+def test_generate_answers_and_counts_tokens(smollm2: TransformersEngine) -> None:
+    result = smollm2.generate(GenerationRequest(QUESTION, max_tokens=20))
+    assert "Paris" in result.text
+    assert result.finish_reason == "stop"
+    assert 0 < result.completion_tokens <= 20
+    assert result.prompt_tokens > 5
+
+
+def test_length_limit_is_reported(smollm2: TransformersEngine) -> None:
+    result = smollm2.generate(GenerationRequest(QUESTION, max_tokens=2))
+    assert result.completion_tokens == 2
+    assert result.finish_reason == "length"
+
+
+def test_stream_concatenates_to_generate(smollm2: TransformersEngine) -> None:
+    request = GenerationRequest(QUESTION, max_tokens=20)
+    chunks = list(smollm2.stream(request))
+    assert chunks[-1].finish_reason is not None
+    assert "".join(c.text for c in chunks) == smollm2.generate(request).text
+    assert chunks[-1].completion_tokens == smollm2.generate(request).completion_tokens
+
+
+def test_cancelled_stream_frees_the_slot(smollm2: TransformersEngine) -> None:
+    cancellation = Cancellation()
+    stream = smollm2.stream(GenerationRequest(QUESTION, max_tokens=200), cancellation)
+    next(stream)
+    stream.close()  # the consumer goes away mid-stream
+    assert cancellation.cancelled
+    assert not smollm2._slot.locked()
+    assert "Paris" in smollm2.generate(GenerationRequest(QUESTION, max_tokens=12)).text
+
+
+def test_stop_strings_end_the_text(smollm2: TransformersEngine) -> None:
+    result = smollm2.generate(GenerationRequest(QUESTION, max_tokens=20, stop=("Paris",)))
+    assert "Paris" not in result.text
+    assert result.finish_reason == "stop"
+    streamed = "".join(
+        c.text for c in smollm2.stream(GenerationRequest(QUESTION, 20, stop=("Paris",)))
+    )
+    assert streamed == result.text
+
+
+def test_seeded_sampling_is_reproducible(smollm2: TransformersEngine) -> None:
+    request = GenerationRequest(QUESTION, max_tokens=12, temperature=0.9, seed=7)
+    assert smollm2.generate(request).text == smollm2.generate(request).text
+
+
+def test_deepspeed_engine_matches_transformers(
+    smollm2: TransformersEngine, demo_checkpoints: dict[str, Path]
+) -> None:
+    deepspeed_engine = DeepSpeedEngine("math-tutor", demo_checkpoints["math-tutor"])
+    request = GenerationRequest((ChatMessage("user", "What is 12 plus 30?"),), max_tokens=16)
+    assert deepspeed_engine.generate(request).text == smollm2.generate(request).text
+    assert deepspeed_engine.kernel_injection is False  # CPU: DeepSpeed has no fused op here
+    assert kernel_injection_supported("llama", cuda=True)
+    assert not kernel_injection_supported("gemma3_text", cuda=True)
+
+
+def test_base_model_plain_transcript_stops_at_next_turn(gemma: TransformersEngine) -> None:
+    result = gemma.generate(GenerationRequest(QUESTION, max_tokens=40))
+    assert result.text
+    assert "User:" not in result.text and "Assistant:" not in result.text
+
+
+def test_expert_server_adds_its_system_prompt(smollm2: TransformersEngine) -> None:
+    server = ExpertServer("pirate", smollm2, system_prompt="Always answer in French.")
+    seen: list[tuple[ChatMessage, ...]] = []
+    original = smollm2.encode
+
+    def spy(messages: tuple[ChatMessage, ...]):  # type: ignore[no-untyped-def]
+        seen.append(messages)
+        return original(messages)
+
+    smollm2.encode = spy  # type: ignore[method-assign]
+    try:
+        server.generate(GenerationRequest(QUESTION, max_tokens=2))
+        own = (ChatMessage("system", "Be brief."), *QUESTION)
+        server.generate(GenerationRequest(own, max_tokens=2))
+    finally:
+        smollm2.encode = original  # type: ignore[method-assign]
+    assert seen[0][0] == ChatMessage("system", "Always answer in French.")
+    assert seen[1][0] == ChatMessage("system", "Be brief.")
+    assert server.requests == 2
+
+
+def test_broken_checkpoints_are_refused(tmp_path: Path, demo_checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TransformersEngine("x", tmp_path / "absent")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        TransformersEngine("x", tmp_path)
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("x", "vllm", demo_checkpoints["generalist"], "float32", "template")
