@@ -118,7 +118,10 @@ def build_source(cache_dir: Path, source_name: str, progress: Progress) -> Path:
         raise CheckpointError(
             f"{gguf_path} has SHA256 {actual}, but its package publishes {published}"
         )
-    return convert_gguf(gguf_path, output, actual, lambda line: progress(f"{source_name}: {line}"))
+    built = convert_gguf(gguf_path, output, actual, lambda line: progress(f"{source_name}: {line}"))
+    if gguf_path.is_relative_to(cache_dir):
+        gguf_path.unlink()  # an assembled copy of ours; the package keeps its chunks
+    return built
 
 
 def build_demo(cache_dir: Path, source_names: list[str], progress: Progress) -> dict[str, Path]:

@@ -55,3 +55,13 @@ def test_validate_checkpoint_says_what_is_missing(
         (tmp_path / name).write_text("{}")
     with pytest.raises(CheckpointError, match=message):
         validate_checkpoint(tmp_path)
+
+
+def test_built_source_is_not_rebuilt(tmp_path: Path) -> None:
+    directory = tmp_path / "smollm2-135m-instruct"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "coe-source.json"):
+        (directory / name).write_text("{}")
+    lines: list[str] = []
+    assert build_source(tmp_path, "smollm2-135m-instruct", lines.append) == directory
+    assert lines == [f"smollm2-135m-instruct: already built at {directory}"]

@@ -1,0 +1,55 @@
+"""The Serve graph built from a config (bound, never run: no Ray is started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.app import app_builder, build_app, expert_deployment_name
+from cluster.config import ConfigError, load_config, parse_config
+from tests.conftest import DEMO_CONFIG
+from tests.unit.test_config import demo_data
+
+
+def bound(application: Any) -> Any:
+    # Application._bound_deployment is how Serve itself reads a bound graph.
+    return application._bound_deployment
+
+
+def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> None:
+    data = demo_data()
+    data["experts"][1]["autoscaling"] = {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 1}
+    data["experts"][1]["ray_actor_options"] = {"num_cpus": 0.5, "memory": 1_000_000}
+    data["experts"][1]["max_ongoing_requests"] = 7
+    config = parse_config(data)
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    assert ingress.name == "ingress"
+    _config, router, experts = ingress.init_args
+    assert bound(router).name == "router"
+    assert sorted(experts) == sorted(e.name for e in config.experts)
+    math = bound(experts[config.experts[1].name])
+    assert math.name == expert_deployment_name(config.experts[1].name)
+    autoscaling = math._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (0, 3)
+    assert autoscaling.upscale_delay_s == 1
+    assert math.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 1_000_000}
+    assert math._deployment_config.max_ongoing_requests == 7
+    assert math.init_args[1] == str(tmp_path)
+
+
+def test_app_builder_rejects_unknown_args() -> None:
+    with pytest.raises(ConfigError, match="bad application args"):
+        app_builder({"config": str(DEMO_CONFIG), "colour": "red"})
+
+
+def test_app_builder_reports_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO_CONFIG.read_text().replace("port: 8000", "port: -1"))
+    with pytest.raises(ConfigError, match=r"serve\.port"):
+        app_builder({"config": str(bad)})
+
+
+def test_demo_config_loads_for_the_graph() -> None:
+    assert load_config(DEMO_CONFIG).serve.app_name == "coe"
