@@ -44,6 +44,14 @@ class ExpertServer:
         self.system_prompt = system_prompt
         self.requests = 0
 
+    def warm_up(self) -> None:
+        """Run one token through the engine so the first client does not pay for
+        lazy initialisation (kernel selection, allocator growth); not counted."""
+        probe = GenerationRequest(
+            messages=(ChatMessage(role="user", content="Hello"),), max_tokens=1
+        )
+        self.engine.generate(probe)
+
     def _with_instructions(self, request: GenerationRequest) -> GenerationRequest:
         """Prepend the expert's system prompt unless the client brought its own."""
         self.requests += 1

@@ -43,6 +43,7 @@ class ExpertReplica:
             settings.chat_format,
         )
         self.server = ExpertServer(settings.name, engine, settings.system_prompt)
+        self.server.warm_up()
         self.settings = settings
         logger.info("expert %s ready (%s engine)", settings.name, settings.engine)
 

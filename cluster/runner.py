@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -49,7 +48,8 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: binding to {settings.host}; the API is reachable from other machines")
     say("starting Ray (local, dashboard off)")
-    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    # Serve's driver-side INFO lines repeat what the progress lines say.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     stop = threading.Event()
 

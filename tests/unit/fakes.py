@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
-from actors.engine import GenerationRequest, GenerationResult, StreamChunk
+from actors.engine import Cancellation, GenerationRequest, GenerationResult, StreamChunk
 from router.two_step import RouteDecision
 
 
@@ -52,3 +52,27 @@ class FakeBackend:
         if self.fail_stream:
             raise RuntimeError("replica died")
         yield StreamChunk("", finish_reason="length", prompt_tokens=3, completion_tokens=2)
+
+
+class EchoEngine:
+    """An `Engine` that answers with the conversation it was given."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        text = " | ".join(f"{m.role}:{m.content}" for m in request.messages)
+        return GenerationResult(text, prompt_tokens=1, completion_tokens=1, finish_reason="stop")
+
+    def stream(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> Iterator[StreamChunk]:
+        result = self.generate(request)
+        yield StreamChunk(result.text)
+        yield StreamChunk("", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    def close(self) -> None:
+        self.requests.clear()

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors.async_stream import iterate_in_thread
+from actors.engine import Cancellation, ChatMessage, GenerationRequest
+from actors.expert_server import ExpertServer
+from tests.unit.fakes import EchoEngine
+
+ASK = GenerationRequest((ChatMessage("user", "hi"),), max_tokens=4)
+
+
+def test_system_prompt_is_prepended_unless_client_sends_one() -> None:
+    server = ExpertServer("e", EchoEngine(), system_prompt="Be a pirate.")
+    assert server.generate(ASK).text == "system:Be a pirate. | user:hi"
+    own = GenerationRequest((ChatMessage("system", "Be brief."), *ASK.messages), max_tokens=4)
+    assert server.generate(own).text == "system:Be brief. | user:hi"
+    assert "".join(c.text for c in server.stream(ASK)) == "system:Be a pirate. | user:hi"
+    assert server.requests == 3
+
+
+def test_warm_up_is_one_token_and_not_counted() -> None:
+    engine = EchoEngine()
+    server = ExpertServer("e", engine)
+    server.warm_up()
+    assert [r.max_tokens for r in engine.requests] == [1]
+    assert server.requests == 0
+
+
+def test_iterate_in_thread_cancels_an_abandoned_stream() -> None:
+    seen: list[Cancellation] = []
+
+    def endless(cancellation: Cancellation):  # type: ignore[no-untyped-def]
+        seen.append(cancellation)
+        count = 0
+        while not cancellation.cancelled:
+            count += 1
+            yield count
+
+    async def consume_two() -> list[int]:
+        got = []
+        stream = iterate_in_thread(endless)
+        async for item in stream:
+            got.append(item)
+            if len(got) == 2:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        return got
+
+    assert asyncio.run(consume_two()) == [1, 2]
+    assert seen[0].cancelled
+
+
+def test_iterate_in_thread_reraises_producer_errors() -> None:
+    def broken(cancellation: Cancellation):  # type: ignore[no-untyped-def]
+        yield 1
+        raise RuntimeError("device lost")
+
+    async def consume() -> list[int]:
+        return [item async for item in iterate_in_thread(broken)]
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(consume())
