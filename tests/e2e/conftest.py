@@ -19,12 +19,6 @@ from tests.conftest import PROJECT_ROOT
 VENV_BIN = Path(PROJECT_ROOT) / ".venv" / "bin"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Process:
     """A command in its own process group whose output is read line by line."""
 

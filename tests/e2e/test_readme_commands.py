@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.conftest import free_port
 from tests.e2e.conftest import (
     VENV_BIN,
     Process,
-    free_port,
     port_is_closed,
     run,
     wait_for_completion,
