@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from actors.engine import (
     Cancellation,
@@ -21,17 +22,29 @@ from actors.engine import (
 
 
 def make_engine(
-    name: str, engine: str, checkpoint_dir: Path, dtype: str, chat_format: str
+    name: str,
+    engine: str,
+    checkpoint_dir: Path,
+    dtype: str,
+    chat_format: str,
+    model: Any | None = None,
 ) -> Engine:
-    """Build the configured engine; imports stay lazy so DeepSpeed loads only when used."""
+    """Build the configured engine; imports stay lazy so DeepSpeed loads only when used.
+
+    `model`, when given, is served instead of loading the checkpoint's weights.
+    """
     if engine == "deepspeed":
         from actors.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(name, checkpoint_dir, dtype=dtype, chat_format=chat_format)
+        return DeepSpeedEngine(
+            name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model
+        )
     if engine == "transformers":
         from actors.transformers_engine import TransformersEngine
 
-        return TransformersEngine(name, checkpoint_dir, dtype=dtype, chat_format=chat_format)
+        return TransformersEngine(
+            name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model
+        )
     raise ValueError(f"unknown engine {engine!r}; expected 'transformers' or 'deepspeed'")
 
 

