@@ -13,11 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
 from cluster.config import CoEConfig, ConfigError, load_config
-from cluster.deployments import ExpertDeployment, IngressDeployment, RouterDeployment
+from cluster.deployments import (
+    ExpertDeployment,
+    IngressDeployment,
+    PlacementDeployment,
+    RouterDeployment,
+)
 from cluster.setup_steps import prepare_checkpoints
 
 INGRESS_NAME = "ingress"
 ROUTER_NAME = "router"
+PLACEMENT_NAME = "placement"
 
 
 def expert_deployment_name(expert: str) -> str:
@@ -27,6 +33,14 @@ def expert_deployment_name(expert: str) -> str:
 def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     """Bind the deployment graph; nothing starts until Serve runs it."""
     as_dict = config.model_dump(mode="json")
+    placement = None
+    if config.tiers.enabled:
+        placement = PlacementDeployment.options(
+            name=PLACEMENT_NAME,
+            # Acquires wait for active slots inside the service: never queue them outside.
+            max_ongoing_requests=10_000,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(as_dict, {name: str(path) for name, path in checkpoints.items()})
     experts = {}
     for expert in config.experts:
         autoscaling = expert.autoscaling.model_dump(exclude_none=True)
@@ -37,13 +51,15 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             ray_actor_options=expert.ray_actor_options.model_dump(exclude_none=True),
         )
         experts[expert.name] = deployment.bind(
-            expert.model_dump(mode="json"), str(checkpoints[expert.name])
+            expert.model_dump(mode="json"), str(checkpoints[expert.name]), placement
         )
-    router = RouterDeployment.options(name=ROUTER_NAME, ray_actor_options={"num_cpus": 0.25}).bind(
-        as_dict
+    router = RouterDeployment.options(
+        name=ROUTER_NAME, ray_actor_options={"num_cpus": config.router.num_cpus}
+    ).bind(as_dict)
+    ingress = IngressDeployment.options(
+        name=INGRESS_NAME, ray_actor_options={"num_cpus": config.serve.ingress_num_cpus}
     )
-    ingress = IngressDeployment.options(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0.25})
-    return ingress.bind(as_dict, router, experts)
+    return ingress.bind(as_dict, router, experts, placement)
 
 
 class BuilderArgs(BaseModel):

@@ -158,6 +158,7 @@ class RouterSettings(_Strict):
         0.5, ge=0, le=1, description="Below this top-category probability the generalist answers."
     )
     max_batch_size: int = Field(16, ge=1, description="Prompts the router classifies in one batch.")
+    num_cpus: float = Field(0.1, ge=0, description="Logical CPUs reserved for the router replica.")
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="How long the router waits to fill a batch."
     )
@@ -205,6 +206,9 @@ class ServeSettings(_Strict):
 
     host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean it.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    ingress_num_cpus: float = Field(
+        0.1, ge=0, description="Logical CPUs reserved for the ingress replica."
+    )
     app_name: str = Field("coe", min_length=1, description="Ray Serve application name.")
     max_prompt_chars: int = Field(
         8000, ge=1, description="Longest conversation (characters of all messages) accepted."

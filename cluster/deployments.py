@@ -8,53 +8,140 @@ work); the `Deployment` objects at the bottom are the only place they meet Serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from actors.async_stream import iterate_in_thread
 from actors.engine import GenerationRequest, GenerationResult, StreamChunk
 from actors.expert_server import ExpertServer, make_engine
+from actors.tiered_weights import Grant, TieredWeights
 from cluster.config import ExpertSettings, parse_config
 from cluster.http_api import build_http_app
+from cluster.placement import REPORT_INTERVAL_S, PlacementReplica
 from cluster.service import CoEService
 from cluster.setup_steps import build_router
+from memory_tiers.arena import DeviceArena
+from memory_tiers.packing import TensorIndex
 from router.two_step import RouteDecision
 
 logger = logging.getLogger("ray.serve")
+# How long an expert replica keeps retrying while the placement service restarts.
+PLACEMENT_RETRY_S = 120.0
 
 
 class ExpertReplica:
-    """One expert LLM; its name, engine and autoscaling come from the config."""
+    """One expert LLM; its name, engine and autoscaling come from the config.
 
-    def __init__(self, expert: dict[str, Any], checkpoint_dir: str) -> None:
+    With a placement service (memory tiers on), the replica owns no weights of its
+    own: it builds a meta-device skeleton, attaches the device's shared arena and,
+    for every request, takes a grant (HBM lease + active slot) and rebinds its views
+    only when the expert's bytes moved.
+    """
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self,
+        expert: dict[str, Any],
+        checkpoint_dir: str,
+        placement: DeploymentHandle | None = None,
+    ) -> None:
         settings = ExpertSettings.model_validate(expert)
-        engine = make_engine(
-            settings.name,
-            settings.engine,
-            Path(checkpoint_dir),
-            settings.dtype,
-            settings.chat_format,
-        )
-        self.server = ExpertServer(settings.name, engine, settings.system_prompt)
-        self.server.warm_up()
         self.settings = settings
+        self.placement = placement
+        self.weights: TieredWeights | None = None
+        self._serial = asyncio.Lock()
+        self._in_use = False
+        model = None
+        grant = None
+        if placement is not None:
+            described = await self._call_placement("describe", settings.name)
+            index = TensorIndex.from_json(described["index"])
+            arena = DeviceArena.attach_file(Path(described["arena_path"]))
+            self.weights = await asyncio.to_thread(
+                TieredWeights, settings.name, Path(checkpoint_dir), settings.dtype, index, arena
+            )
+            grant = await self._call_placement("acquire", settings.name)
+            self.weights.bind(grant)
+            model = self.weights.model
+        try:
+            engine = await asyncio.to_thread(
+                make_engine,
+                settings.name,
+                settings.engine,
+                Path(checkpoint_dir),
+                settings.dtype,
+                settings.chat_format,
+                model,
+            )
+            self.server = ExpertServer(settings.name, engine, settings.system_prompt)
+            await asyncio.to_thread(self.server.warm_up)
+        finally:
+            if grant is not None:
+                await self._call_placement("release", grant)
+        if placement is not None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
         logger.info("expert %s ready (%s engine)", settings.name, settings.engine)
 
+    async def _call_placement(self, method: str, *args: Any) -> Any:
+        """Call the placement service, riding out its restart (Serve replaces it)."""
+        assert self.placement is not None
+        deadline = time.monotonic() + PLACEMENT_RETRY_S
+        while True:
+            try:
+                return await getattr(self.placement, method).remote(*args)
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _report_forever(self) -> None:
+        """Tell the placement service what this replica holds, so that a restarted
+        service can rebuild residency (a running one ignores its own incarnation)."""
+        assert self.placement is not None and self.weights is not None
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            report = self.weights.report(self._in_use)
+            if report is None or self.weights.bound is None:
+                continue
+            with contextlib.suppress(Exception):
+                await self.placement.report.remote(report, self.weights.bound[0])
+
+    @contextlib.asynccontextmanager
+    async def _leased(self) -> AsyncIterator[None]:
+        """Hold the expert's bytes in device memory (and an active slot) for one request."""
+        if self.placement is None or self.weights is None:
+            yield
+            return
+        async with self._serial:
+            grant: Grant = await self._call_placement("acquire", self.settings.name)
+            try:
+                self.weights.bind(grant)
+                self._in_use = True
+                yield
+            finally:
+                self._in_use = False
+                await self._call_placement("release", grant)
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await asyncio.to_thread(self.server.generate, request)
+        async with self._leased():
+            return await asyncio.to_thread(self.server.generate, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        async for chunk in iterate_in_thread(
-            lambda cancellation: self.server.stream(request, cancellation)
-        ):
-            yield chunk
+        async with self._leased():
+            async for chunk in iterate_in_thread(
+                lambda cancellation: self.server.stream(request, cancellation)
+            ):
+                yield chunk
 
     def info(self) -> dict[str, Any]:
         engine = self.server.engine
@@ -65,6 +152,9 @@ class ExpertReplica:
             "kernel_injection": bool(getattr(engine, "kernel_injection", False)),
             "parameters": int(getattr(engine, "parameter_count", 0)),
             "requests": self.server.requests,
+            "tiered": self.weights is not None,
+            "rebinds": self.weights.rebinds if self.weights is not None else 0,
+            "pid": os.getpid(),
         }
 
 
@@ -86,14 +176,34 @@ class RouterReplica:
 class HandleBackend:
     """The service's `Backend` made of Serve deployment handles."""
 
-    def __init__(self, router: DeploymentHandle, experts: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        router: DeploymentHandle,
+        experts: dict[str, DeploymentHandle],
+        placement: DeploymentHandle | None = None,
+    ) -> None:
         self.router = router
         self.experts = experts
         self.expert_names = sorted(experts)
+        self.placement = placement
+        self._hints: set[Any] = set()
 
     async def route(self, prompt: str) -> RouteDecision:
         decision: RouteDecision = await self.router.route.remote(prompt)
+        if self.placement is not None:
+            self._prefetch(decision.expert)
         return decision
+
+    def _prefetch(self, expert: str) -> None:
+        """Fire-and-forget: start the switch while the request waits for its replica."""
+        hint = asyncio.ensure_future(self.placement.prefetch.remote(expert))  # type: ignore[union-attr]
+        self._hints.add(hint)
+        hint.add_done_callback(self._hint_done)
+
+    def _hint_done(self, hint: Any) -> None:
+        self._hints.discard(hint)
+        if not hint.cancelled() and hint.exception() is not None:
+            logger.warning("prefetch hint failed: %s", hint.exception())
 
     async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
         result: GenerationResult = await self.experts[expert].generate.remote(request)
@@ -114,9 +224,10 @@ class IngressReplica:
         config: dict[str, Any],
         router: DeploymentHandle,
         experts: dict[str, DeploymentHandle],
+        placement: DeploymentHandle | None = None,
     ) -> None:
         settings = parse_config(config)
-        self.service = CoEService(settings.serve, HandleBackend(router, experts))
+        self.service = CoEService(settings.serve, HandleBackend(router, experts, placement))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self.service)
@@ -141,4 +252,5 @@ class IngressReplica:
 
 ExpertDeployment: Deployment = serve.deployment()(ExpertReplica)
 RouterDeployment: Deployment = serve.deployment()(RouterReplica)
+PlacementDeployment: Deployment = serve.deployment()(PlacementReplica)
 IngressDeployment: Deployment = serve.deployment()(serve.ingress()(IngressReplica))

@@ -26,7 +26,8 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
-    _config, router, experts = ingress.init_args
+    _config, router, experts, placement = ingress.init_args
+    assert placement is None  # the demo's tiers are off unless the config turns them on
     assert bound(router).name == "router"
     assert sorted(experts) == sorted(e.name for e in config.experts)
     math = bound(experts[config.experts[1].name])
@@ -37,6 +38,18 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     assert math.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 1_000_000}
     assert math._deployment_config.max_ongoing_requests == 7
     assert math.init_args[1] == str(tmp_path)
+
+
+def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> None:
+    data = demo_data()
+    data["tiers"] = {"enabled": True, "hbm_budget_bytes": 2_000_000_000, "eviction": "lfu"}
+    config = parse_config(data)
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    _config, _router, experts, placement = ingress.init_args
+    assert bound(placement).name == "placement"
+    assert bound(placement)._deployment_config.max_ongoing_requests >= 1000
+    for expert in experts.values():
+        assert bound(expert).init_args[2] is placement
 
 
 def test_app_builder_rejects_unknown_args() -> None:

@@ -1,0 +1,165 @@
+"""The placement service as one Serve deployment (a single named Ray actor).
+
+It owns every expert's packed weights in the object store (DDR), the shared host
+arena of this node's device (HBM) and its active slots (SRAM). Expert replicas ask
+it for a `Grant` per request; the ingress sends it prefetch hints as soon as the
+router decides. Serve restarts it if it dies: the new incarnation repacks the
+experts from their checkpoints, re-attaches the arena file and rebuilds residency
+from the reports replicas send, accepting a report only when the arena still holds
+exactly that expert's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.tiered_weights import Grant
+from cluster.config import CoEConfig, parse_config
+from cluster.ray_object_store import RayObjectStore
+from memory_tiers.arena import Region
+from memory_tiers.ddr import CheckpointSource
+from memory_tiers.hbm import Lease
+from memory_tiers.packing import TensorIndex
+from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
+from memory_tiers.sram import ActiveSlots
+
+logger = logging.getLogger("ray.serve")
+
+HOST_DEVICE = "host0"
+# After a restart, replicas report what they hold within this many seconds; switches
+# that would overwrite arena bytes wait that long so a reported expert is not clobbered.
+REPORT_INTERVAL_S = 1.0
+RESTART_GRACE_S = 3 * REPORT_INTERVAL_S
+
+
+def arena_path(config: CoEConfig, device: str = HOST_DEVICE) -> Path:
+    """The shared-memory file that holds `device`'s arena for this application."""
+    return Path(config.tiers.arena_dir) / f"coe-{config.serve.app_name}-{device}.arena"
+
+
+class PlacementReplica:
+    """Serve-facing wrapper of `memory_tiers.placement.PlacementService`."""
+
+    def __init__(self, config: dict[str, Any], checkpoints: dict[str, str]) -> None:
+        settings = parse_config(config)
+        tiers = settings.tiers
+        assert tiers.hbm_budget_bytes is not None  # the schema requires it when enabled
+        path = arena_path(settings)
+        restarted = path.is_file() and path.stat().st_size == tiers.hbm_budget_bytes
+        spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
+        self.service = PlacementService([spec], RayObjectStore(), tiers.eviction)
+        for expert in settings.experts:
+            source = CheckpointSource(Path(checkpoints[expert.name]), expert.dtype)
+            record = self.service.register(expert.name, source)
+            logger.info("placement: %s packed into DDR (%d bytes)", expert.name, record.nbytes)
+        self.slots = ActiveSlots(tiers.active_slots)
+        self.incarnation = uuid.uuid4().hex
+        self.pinned = list(tiers.pinned)
+        self.ready_at = time.monotonic() + (RESTART_GRACE_S if restarted else 0.0)
+        self.refused_reports = 0
+        if not restarted:
+            for name in self.pinned:
+                self.service.pin(name, HOST_DEVICE)
+
+    async def _after_grace(self) -> None:
+        delay = self.ready_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+            for name in self.pinned:  # pin once reported residents are known
+                await asyncio.to_thread(self.service.pin, name, HOST_DEVICE)
+            self.pinned = []
+
+    # -- what replicas call --------------------------------------------------------
+
+    def describe(self, expert: str) -> dict[str, Any]:
+        """The arena file and tensor index an expert replica binds against."""
+        index: TensorIndex = self.service.index(expert)
+        return {
+            "device": HOST_DEVICE,
+            "arena_path": str(self.service.arena_path(HOST_DEVICE)),
+            "index": index.to_json(),
+        }
+
+    async def acquire(self, expert: str) -> Grant:
+        await self._after_grace()
+        started = time.perf_counter()
+        slot = await self.slots.acquire(expert)
+        waited = time.perf_counter() - started
+        try:
+            lease = await self.service.acquire_async(expert, HOST_DEVICE)
+        except BaseException:
+            self.slots.release(slot)
+            raise
+        return Grant(lease=lease, slot=slot, incarnation=self.incarnation, slot_wait_s=waited)
+
+    def release(self, grant: Grant) -> None:
+        if grant.incarnation != self.incarnation:
+            # Granted by a previous incarnation: its lease came back through a report.
+            self._release_lease(grant.lease)
+            return
+        self.slots.release(grant.slot)
+        self._release_lease(grant.lease)
+
+    def _release_lease(self, lease: Lease) -> None:
+        try:
+            self.service.release(lease)
+        except Exception as error:  # an unknown lease after a restart is not fatal
+            logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
+
+    async def prefetch(self, expert: str) -> bool:
+        await self._after_grace()
+        return await asyncio.to_thread(self.service.prefetch, expert, HOST_DEVICE)
+
+    async def report(self, report: ResidencyReport, incarnation: str) -> bool:
+        """A replica says what an earlier incarnation granted it; accepted when the arena
+        really holds those bytes. Reports about this incarnation's own grants are news
+        to nobody and are ignored (an evicted expert must stay evicted)."""
+        if incarnation == self.incarnation:
+            return False
+        residency = self.service.residency()[report.device]
+        if any(r.expert == report.expert for r in residency.residents):
+            return False
+        if not await asyncio.to_thread(self._holds_expert_bytes, report):
+            self.refused_reports += 1
+            return False
+        refused = self.service.restore_from_reports([report])
+        if refused:
+            logger.warning("placement: report refused: %s", refused)
+        return not refused
+
+    def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
+        expected = self.service.ddr_buffer(report.expert)
+        if expected.nbytes != report.nbytes:
+            return False
+        region = Region(report.offset, report.nbytes)
+        try:
+            held = self.service.arena(report.device).host_view(region)
+        except Exception:
+            return False
+        return bool(np.array_equal(held, expected))
+
+    # -- operators -----------------------------------------------------------------
+
+    def residency(self) -> dict[str, Any]:
+        return self.service.residency_json()
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            **self.service.metrics(),
+            "incarnation": self.incarnation,
+            "refused_reports": self.refused_reports,
+            "slots": self.slots.stats().to_dict(),
+        }
+
+    def pin(self, expert: str) -> None:
+        self.service.pin(expert, HOST_DEVICE)
+
+    def unpin(self, expert: str) -> None:
+        self.service.unpin(expert, HOST_DEVICE)

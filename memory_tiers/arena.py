@@ -1,0 +1,260 @@
+"""Device arenas: one pre-allocated block of device memory, carved into regions.
+
+A device's HBM budget is one arena allocated once. On a CPU-only node it is a
+file-backed shared mapping (in /dev/shm) that the placement service creates and
+pre-faults and every expert replica on the node attaches, so they share its bytes and
+the bytes outlive a placement-service restart. In one process it can be a plain
+numpy array; on CUDA it is one ``torch.empty(capacity, uint8, device="cuda:N")`` per
+replica process (sharing GPU memory across processes would need CUDA IPC).
+
+``RegionAllocator`` is the bookkeeping only (aligned first-fit with coalescing); the
+HBM cache owns one per device and never touches memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from memory_tiers.errors import ArenaError
+from memory_tiers.packing import ALIGNMENT, align_up
+
+PAGE_BYTES = mmap.PAGESIZE
+ArenaKind = Literal["memory", "file", "cuda"]
+
+
+@dataclass(frozen=True, order=True)
+class Region:
+    """``nbytes`` bytes at ``offset`` of an arena (the allocator reserves them aligned up)."""
+
+    offset: int
+    nbytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"offset": self.offset, "nbytes": self.nbytes}
+
+
+class RegionAllocator:
+    """Aligned first-fit allocation over ``capacity`` bytes, coalescing freed holes."""
+
+    def __init__(self, capacity: int, alignment: int = ALIGNMENT) -> None:
+        if capacity <= 0:
+            raise ArenaError(f"arena capacity must be positive, got {capacity}")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ArenaError(f"alignment must be a power of two, got {alignment}")
+        self.alignment = alignment
+        self.capacity = capacity - capacity % alignment
+        self._holes: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []
+        self._spans: dict[int, int] = {}
+
+    def span(self, nbytes: int) -> int:
+        """Bytes a region of ``nbytes`` occupies."""
+        return align_up(max(nbytes, 1), self.alignment)
+
+    def copy(self) -> RegionAllocator:
+        clone = RegionAllocator.__new__(RegionAllocator)
+        clone.alignment = self.alignment
+        clone.capacity = self.capacity
+        clone._holes = list(self._holes)
+        clone._spans = dict(self._spans)
+        return clone
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._spans.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity - self.used_bytes
+
+    @property
+    def largest_hole(self) -> int:
+        return max((length for _, length in self._holes), default=0)
+
+    def allocate(self, nbytes: int) -> Region | None:
+        """The first hole that fits, or None."""
+        if nbytes < 0:
+            raise ArenaError(f"cannot allocate a negative size ({nbytes})")
+        need = self.span(nbytes)
+        for position, (offset, length) in enumerate(self._holes):
+            if length >= need:
+                if length == need:
+                    del self._holes[position]
+                else:
+                    self._holes[position] = (offset + need, length - need)
+                self._spans[offset] = need
+                return Region(offset, nbytes)
+        return None
+
+    def reserve(self, region: Region) -> None:
+        """Claim exactly ``region`` (restoring residency reported after a restart)."""
+        need = self.span(region.nbytes)
+        if region.offset % self.alignment or region.offset < 0:
+            raise ArenaError(f"region offset {region.offset} is not aligned to {self.alignment}")
+        end = region.offset + need
+        for position, (offset, length) in enumerate(self._holes):
+            if offset <= region.offset and end <= offset + length:
+                pieces = [(offset, region.offset - offset), (end, offset + length - end)]
+                self._holes[position : position + 1] = [p for p in pieces if p[1] > 0]
+                self._spans[region.offset] = need
+                return
+        raise ArenaError(
+            f"region [{region.offset}, {end}) is not free in an arena of {self.capacity} bytes"
+        )
+
+    def free(self, region: Region) -> None:
+        span = self._spans.pop(region.offset, None)
+        if span is None or span != self.span(region.nbytes):
+            if span is not None:
+                self._spans[region.offset] = span
+            raise ArenaError(f"region {region} is not allocated")
+        position = bisect.bisect_left(self._holes, (region.offset, 0))
+        offset, length = region.offset, span
+        if position < len(self._holes) and self._holes[position][0] == offset + length:
+            length += self._holes.pop(position)[1]
+        if position > 0:
+            before_offset, before_length = self._holes[position - 1]
+            if before_offset + before_length == offset:
+                offset, length = before_offset, before_length + length
+                position -= 1
+                del self._holes[position]
+        self._holes.insert(position, (offset, length))
+
+    def holes(self) -> list[tuple[int, int]]:
+        return list(self._holes)
+
+
+class DeviceArena:
+    """The memory of one device's budget; ``view(region)`` gives zero-copy access to it."""
+
+    def __init__(
+        self,
+        kind: ArenaKind,
+        capacity: int,
+        host: np.ndarray | None = None,
+        device_tensor: torch.Tensor | None = None,
+        path: Path | None = None,
+        mapping: mmap.mmap | None = None,
+    ) -> None:
+        self.kind = kind
+        self.capacity = capacity
+        self.path = path
+        self._host = host
+        self._device_tensor = device_tensor
+        self._mapping = mapping
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def in_memory(cls, capacity: int) -> DeviceArena:
+        """A private arena in this process (single-process use, tests)."""
+        _check_capacity(capacity)
+        host = np.empty(capacity, dtype=np.uint8)
+        host.fill(0)  # fault every page in now, not on the first switch
+        return cls("memory", capacity, host=host)
+
+    @classmethod
+    def create_file(cls, path: Path, capacity: int) -> DeviceArena:
+        """Create (or overwrite) a shared file-backed arena and pre-fault it."""
+        _check_capacity(capacity)
+        path = Path(path)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as error:
+            raise ArenaError(f"cannot create arena file {path}: {error}") from error
+        try:
+            os.ftruncate(descriptor, capacity)
+            arena = cls._map(path, descriptor, capacity)
+        finally:
+            os.close(descriptor)
+        assert arena._host is not None
+        arena._host[::PAGE_BYTES] = 0  # allocate every page of the file now
+        return arena
+
+    @classmethod
+    def attach_file(cls, path: Path) -> DeviceArena:
+        """Map an existing arena file; its bytes (resident experts) are kept."""
+        path = Path(path)
+        try:
+            descriptor = os.open(path, os.O_RDWR)
+        except OSError as error:
+            raise ArenaError(f"cannot attach arena file {path}: {error}") from error
+        try:
+            capacity = os.fstat(descriptor).st_size
+            _check_capacity(capacity)
+            return cls._map(path, descriptor, capacity)
+        finally:
+            os.close(descriptor)
+
+    @classmethod
+    def open_file(cls, path: Path, capacity: int) -> DeviceArena:
+        """Attach ``path`` if it already holds an arena of ``capacity`` bytes, else create it."""
+        path = Path(path)
+        if path.is_file() and path.stat().st_size == capacity:
+            return cls.attach_file(path)
+        return cls.create_file(path, capacity)
+
+    @classmethod
+    def _map(cls, path: Path, descriptor: int, capacity: int) -> DeviceArena:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(descriptor, capacity, flags=flags)
+        host = np.frombuffer(mapping, dtype=np.uint8)
+        return cls("file", capacity, host=host, path=path, mapping=mapping)
+
+    @classmethod
+    def cuda(cls, capacity: int, device: str = "cuda") -> DeviceArena:
+        """One block of GPU memory for this process."""
+        _check_capacity(capacity)
+        if not torch.cuda.is_available():
+            raise ArenaError(f"a CUDA arena on {device!r} needs CUDA, which is not available")
+        tensor = torch.empty(capacity, dtype=torch.uint8, device=device)
+        return cls("cuda", capacity, device_tensor=tensor)
+
+    # -- access ------------------------------------------------------------------
+
+    def _check(self, region: Region) -> None:
+        if region.offset < 0 or region.offset + region.nbytes > self.capacity:
+            raise ArenaError(f"region {region} lies outside an arena of {self.capacity} bytes")
+
+    def host_view(self, region: Region) -> np.ndarray:
+        """The region as a writable uint8 numpy array (host arenas only)."""
+        self._check(region)
+        if self._host is None:
+            raise ArenaError(f"a {self.kind} arena has no host view")
+        return self._host[region.offset : region.offset + region.nbytes]
+
+    def tensor_view(self, region: Region) -> torch.Tensor:
+        """The region as a uint8 torch tensor on the arena's device."""
+        self._check(region)
+        if self._device_tensor is not None:
+            return self._device_tensor[region.offset : region.offset + region.nbytes]
+        return torch.from_numpy(self.host_view(region))
+
+    def view(self, region: Region) -> np.ndarray | torch.Tensor:
+        """Host arenas: numpy; CUDA arenas: a torch tensor."""
+        if self.kind == "cuda":
+            return self.tensor_view(region)
+        return self.host_view(region)
+
+    def close(self) -> None:
+        """Drop this process's mapping; a file arena's bytes stay in the file."""
+        self._host = None
+        self._device_tensor = None
+        if self._mapping is not None:
+            # With views still alive the mapping stays until they go.
+            with contextlib.suppress(BufferError):
+                self._mapping.close()
+            self._mapping = None
+
+
+def _check_capacity(capacity: int) -> None:
+    if capacity <= 0:
+        raise ArenaError(f"arena capacity must be positive, got {capacity}")

@@ -1,0 +1,395 @@
+"""The placement service: registry of experts, HBM leases per device, switches, prefetch.
+
+A plain class (the cluster runs it as one named actor). It owns the DDR copies of
+every expert (so they outlive replicas), one ``HBMCache`` per device, and for host
+devices the device arena itself: it performs the DDR -> arena copy, so a prefetch hint
+starts a switch while the request is still queued, and replicas only rebind views.
+CUDA devices (one arena per replica process) are bookkeeping only: the lease says
+``needs_copy``, the replica copies with ``switch.copy_into`` and calls ``mark_ready``.
+
+Concurrency: every method is safe to call from several threads. Bookkeeping runs
+under one lock; copies run outside it, so a hit never waits behind another expert's
+copy. Two acquires of the same expert share one copy: the second waits for the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from memory_tiers.arena import DeviceArena, Region
+from memory_tiers.ddr import DDRStore, ExpertSource, ObjectStore, Packed
+from memory_tiers.errors import (
+    BudgetExceeded,
+    SwitchFailed,
+    TierConfigError,
+    UnknownDevice,
+    UnknownExpert,
+)
+from memory_tiers.hbm import HBMCache, Lease, Purpose
+from memory_tiers.metrics import DeviceResidency
+from memory_tiers.packing import TensorIndex
+from memory_tiers.policies import POLICY_NAMES, make_policy
+from memory_tiers.switch import copy_into
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device: a named memory pool with a byte budget.
+
+    ``arena``: "file" = shared host arena at ``arena_path`` (created or re-attached);
+    "memory" = host arena private to this process; "cuda" = arenas live in replicas.
+    """
+
+    name: str
+    budget_bytes: int
+    arena: Literal["memory", "file", "cuda"] = "memory"
+    arena_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    expert: str
+    nbytes: int
+    devices: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class ResidencyReport:
+    """What a replica holds after a placement-service restart."""
+
+    expert: str
+    device: str
+    offset: int
+    nbytes: int
+    generation: int
+    lease_ids: tuple[int, ...] = ()
+    pinned: bool = False
+
+
+class PlacementService:
+    """Registry + leases + switches for every device of a node (see module docstring)."""
+
+    def __init__(
+        self,
+        devices: Sequence[DeviceSpec],
+        store: ObjectStore,
+        policy: str = "lru",
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if policy not in POLICY_NAMES:
+            raise TierConfigError(
+                f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}"
+            )
+        names = [spec.name for spec in devices]
+        if not names or len(set(names)) != len(names):
+            raise TierConfigError(f"device names must be present and unique, got {names}")
+        for spec in devices:
+            if spec.arena == "file" and spec.arena_path is None:
+                raise TierConfigError(f"device {spec.name!r}: a file arena needs arena_path")
+        self.policy = policy
+        self.ddr = DDRStore(store)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._specs = {spec.name: spec for spec in devices}
+        self._caches = {
+            spec.name: HBMCache(spec.name, spec.budget_bytes, make_policy(policy))
+            for spec in devices
+        }
+        self._arenas: dict[str, DeviceArena] = {}
+        for spec in devices:
+            if spec.arena == "memory":
+                self._arenas[spec.name] = DeviceArena.in_memory(spec.budget_bytes)
+            elif spec.arena == "file":
+                assert spec.arena_path is not None
+                self._arenas[spec.name] = DeviceArena.open_file(spec.arena_path, spec.budget_bytes)
+        self._experts: dict[str, ExpertRecord] = {}
+        self._pending: dict[tuple[str, str, int], threading.Event] = {}
+
+    # -- registry ----------------------------------------------------------------
+
+    def devices(self) -> list[str]:
+        return sorted(self._specs)
+
+    def register(
+        self,
+        expert: str,
+        source: ExpertSource,
+        *,
+        devices: Sequence[str] | None = None,
+        packed: Packed | None = None,
+    ) -> ExpertRecord:
+        """Pack ``expert`` (unless ``packed`` is given) into DDR; it may use ``devices``.
+
+        ``ExpertTooLarge`` (nothing stored) if it can never fit one of those devices.
+        """
+        chosen = tuple(devices) if devices is not None else tuple(sorted(self._specs))
+        for device in chosen:
+            self._cache(device)
+        buffer, index = packed if packed is not None else source.build()
+        for device in chosen:
+            self._caches[device].check_fits(expert, index.total_bytes)
+        self.ddr.register(expert, source, (buffer, index))
+        record = ExpertRecord(expert, index.total_bytes, chosen, source.describe())
+        with self._lock:
+            self._experts[expert] = record
+        return record
+
+    def experts(self) -> list[str]:
+        return sorted(self._experts)
+
+    def record(self, expert: str) -> ExpertRecord:
+        found = self._experts.get(expert)
+        if found is None:
+            raise UnknownExpert(f"unknown expert {expert!r}; registered: {self.experts()}")
+        return found
+
+    def index(self, expert: str) -> TensorIndex:
+        """The expert's tensor index (a replica builds views with it)."""
+        self.record(expert)
+        return self.ddr.index(expert)
+
+    def ddr_ref(self, expert: str) -> Any:
+        """The object-store reference of the expert's packed buffer (replica-side copies)."""
+        self.record(expert)
+        return self.ddr.entry(expert).ref
+
+    def ddr_buffer(self, expert: str) -> np.ndarray:
+        """The expert's packed buffer, rebuilt from disk if the store lost it."""
+        self.record(expert)
+        return self.ddr.get(expert)[0]
+
+    def arena(self, device: str) -> DeviceArena:
+        """The host arena of ``device`` (in-process replicas and tests)."""
+        self._cache(device)
+        if device not in self._arenas:
+            raise UnknownDevice(f"device {device!r} has no arena in this process (CUDA)")
+        return self._arenas[device]
+
+    def arena_path(self, device: str) -> Path | None:
+        return self._specs[self._cache(device).device].arena_path
+
+    def _cache(self, device: str) -> HBMCache:
+        cache = self._caches.get(device)
+        if cache is None:
+            raise UnknownDevice(f"unknown device {device!r}; devices: {self.devices()}")
+        return cache
+
+    def _usable(self, expert: str, device: str) -> tuple[HBMCache, int]:
+        cache = self._cache(device)
+        record = self.record(expert)
+        if device not in record.devices:
+            raise UnknownDevice(
+                f"expert {expert!r} is not placed on device {device!r}; its devices: "
+                f"{list(record.devices)}"
+            )
+        return cache, record.nbytes
+
+    # -- leases ------------------------------------------------------------------
+
+    def acquire(self, expert: str, device: str) -> Lease:
+        """Lease ``expert`` on ``device``, switching it in first when it is not resident.
+
+        Blocks for the copy (its own or a concurrent acquirer's); call it from a worker
+        thread, or use ``acquire_async``. Release the lease when done.
+        """
+        return self._acquire(expert, device, "request")
+
+    async def acquire_async(self, expert: str, device: str) -> Lease:
+        """``acquire`` on a worker thread, leaving the caller's event loop free."""
+        return await asyncio.to_thread(self.acquire, expert, device)
+
+    def _acquire(self, expert: str, device: str, purpose: Purpose) -> Lease:
+        cache, nbytes = self._usable(expert, device)
+        with self._lock:
+            lease = cache.acquire(expert, nbytes, self._clock(), purpose=purpose)
+            key = (device, expert, lease.generation)
+            if lease.needs_copy:
+                pending: threading.Event | None = threading.Event()
+                self._pending[key] = pending  # type: ignore[assignment]
+            else:
+                pending = self._pending.get(key)
+        if lease.needs_copy:
+            if device in self._arenas:
+                self._switch_in(cache, lease)
+            return lease
+        if pending is not None:
+            pending.wait()
+            with self._lock:
+                if not cache.is_ready(expert, lease.generation):
+                    raise SwitchFailed(
+                        f"switching expert {expert!r} into {device!r} failed in another caller"
+                    )
+        return lease
+
+    def _switch_in(self, cache: HBMCache, lease: Lease) -> None:
+        try:
+            buffer, _ = self.ddr.get(lease.expert)
+            started = time.perf_counter()
+            copy_into(self._arenas[lease.device].host_view(lease.region), buffer)
+            seconds = time.perf_counter() - started
+        except BaseException as error:
+            self._finish(cache, lease, None)
+            raise SwitchFailed(
+                f"switching expert {lease.expert!r} into {lease.device!r} failed: {error}"
+            ) from error
+        self._finish(cache, lease, seconds)
+
+    def _finish(self, cache: HBMCache, lease: Lease, seconds: float | None) -> None:
+        with self._lock:
+            if seconds is None:
+                cache.abort(lease)
+            else:
+                cache.mark_ready(lease, seconds)
+            pending = self._pending.pop((lease.device, lease.expert, lease.generation), None)
+        if pending is not None:
+            pending.set()
+
+    def mark_ready(self, lease: Lease, seconds: float) -> None:
+        """A replica finished the copy a ``needs_copy`` lease asked of it (CUDA devices)."""
+        self._finish(self._cache(lease.device), lease, seconds)
+
+    def abort(self, lease: Lease) -> None:
+        """A replica's copy for a ``needs_copy`` lease failed; the resident is dropped."""
+        self._finish(self._cache(lease.device), lease, None)
+
+    def release(self, lease: Lease) -> None:
+        cache = self._cache(lease.device)
+        with self._lock:
+            cache.release(lease)
+
+    def prefetch(self, expert: str, device: str) -> bool:
+        """Start switching ``expert`` in ahead of its request; True if a copy was made.
+
+        A hint: a no-op when resident, when room would need an in-use or pinned
+        expert to go, or on a CUDA device (its replica copies for itself).
+        """
+        cache, _ = self._usable(expert, device)
+        if device not in self._arenas:
+            return False
+        with self._lock:
+            if cache.is_resident(expert):
+                return False
+        try:
+            lease = self._acquire(expert, device, "prefetch")
+        except BudgetExceeded:
+            return False
+        self.release(lease)
+        return lease.needs_copy
+
+    # -- pinning and eviction ----------------------------------------------------------
+
+    def pin(self, expert: str, device: str) -> None:
+        """Make ``expert`` resident on ``device`` and keep it there until ``unpin``."""
+        cache, nbytes = self._usable(expert, device)
+        with self._lock:
+            cache.check_pinnable(expert, nbytes)
+        lease = self._acquire(expert, device, "pin")
+        try:
+            with self._lock:
+                cache.check_pinnable(expert, nbytes)
+                cache.pin(expert)
+        finally:
+            self.release(lease)
+
+    def unpin(self, expert: str, device: str) -> None:
+        cache, _ = self._usable(expert, device)
+        with self._lock:
+            cache.unpin(expert)
+
+    def evict(self, expert: str, device: str) -> None:
+        """Evict an idle, unpinned expert now."""
+        cache, _ = self._usable(expert, device)
+        with self._lock:
+            cache.evict(expert)
+
+    # -- observability -------------------------------------------------------------
+
+    def residency(self) -> dict[str, DeviceResidency]:
+        with self._lock:
+            return {name: cache.snapshot() for name, cache in sorted(self._caches.items())}
+
+    def residency_json(self) -> dict[str, Any]:
+        return {name: snapshot.to_dict() for name, snapshot in self.residency().items()}
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            devices = {
+                name: {
+                    **cache.counters.to_dict(),
+                    "budget_bytes": float(cache.budget_bytes),
+                    "used_bytes": float(cache.used_bytes),
+                    "residents": float(len(cache.residents())),
+                }
+                for name, cache in sorted(self._caches.items())
+            }
+        return {"policy": self.policy, "devices": devices, "ddr": self.ddr.metrics()}
+
+    # -- restart -------------------------------------------------------------------
+
+    def restore_from_reports(self, reports: Iterable[ResidencyReport]) -> list[str]:
+        """Rebuild residency from what replicas report; returns the reports refused, and why.
+
+        Register the experts first. Reports of one resident (same expert, device,
+        generation, region) from several replicas merge their leases; when reports
+        disagree the newest generation wins.
+        """
+        merged: dict[tuple[str, str, int, int, int], list[ResidencyReport]] = {}
+        for report in reports:
+            key = (report.device, report.expert, report.generation, report.offset, report.nbytes)
+            merged.setdefault(key, []).append(report)
+        refused: list[str] = []
+        with self._lock:
+            for key in sorted(merged, key=lambda k: -k[2]):
+                device, expert, generation, offset, nbytes = key
+                group = merged[key]
+                reason = self._restore_one(
+                    device, expert, generation, Region(offset, nbytes), group
+                )
+                if reason:
+                    refused.append(f"{expert!r} on {device!r} (generation {generation}): {reason}")
+        return refused
+
+    def _restore_one(
+        self,
+        device: str,
+        expert: str,
+        generation: int,
+        region: Region,
+        group: list[ResidencyReport],
+    ) -> str:
+        cache = self._caches.get(device)
+        record = self._experts.get(expert)
+        if cache is None:
+            return "unknown device"
+        if record is None:
+            return "expert not registered"
+        if record.nbytes != region.nbytes:
+            return f"size {region.nbytes} differs from the registered {record.nbytes}"
+        if cache.is_resident(expert):
+            return "a newer report already restored it"
+        lease_ids = sorted({lease for report in group for lease in report.lease_ids})
+        try:
+            cache.restore(
+                expert,
+                region,
+                generation,
+                lease_ids=lease_ids,
+                pinned=any(report.pinned for report in group),
+            )
+        except Exception as error:
+            return str(error)
+        return ""
+
+    def close(self) -> None:
+        for arena in self._arenas.values():
+            arena.close()
