@@ -40,6 +40,8 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             # Acquires wait for active slots inside the service: never queue them outside.
             max_ongoing_requests=10_000,
             ray_actor_options={"num_cpus": 0},
+            # Replicas report residency every second; that is not access worth logging.
+            logging_config={"enable_access_log": False},
         ).bind(as_dict, {name: str(path) for name, path in checkpoints.items()})
     experts = {}
     for expert in config.experts:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from actors.checkpoint import CheckpointError
 from cluster.config import DEMO_SOURCES, ConfigError, load_config
+from cluster.tier_commands import ClusterUnavailable, add_tier_commands
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -72,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and print its routing")
     check.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="config YAML")
     check.set_defaults(run=_config_check)
+
+    add_tier_commands(commands)
     return root
 
 
@@ -82,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.run(args)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, ClusterUnavailable) as error:
         say(f"error: {error}")
         return 2
     return code

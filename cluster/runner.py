@@ -100,6 +100,15 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
             serve.shutdown()
         finally:
             ray.shutdown()
+            remove_arena(config)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             say("stopped")
+
+
+def remove_arena(config: CoEConfig) -> None:
+    """The device arena lives in shared memory: give it back when the cluster stops."""
+    if config.tiers.enabled:
+        from cluster.placement import arena_path
+
+        arena_path(config).unlink(missing_ok=True)

@@ -39,6 +39,7 @@ def cluster(demo_config: CoEConfig, demo_checkpoints: dict[str, Path]) -> Iterat
     from ray import serve
 
     from cluster.app import build_app
+    from cluster.runner import remove_arena
 
     port = free_port()
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
@@ -50,3 +51,4 @@ def cluster(demo_config: CoEConfig, demo_checkpoints: dict[str, Path]) -> Iterat
     finally:
         serve.shutdown()
         ray.shutdown()
+        remove_arena(demo_config)

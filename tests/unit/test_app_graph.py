@@ -27,7 +27,7 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
     _config, router, experts, placement = ingress.init_args
-    assert placement is None  # the demo's tiers are off unless the config turns them on
+    assert bound(placement).name == "placement"  # the demo serves through the tiers
     assert bound(router).name == "router"
     assert sorted(experts) == sorted(e.name for e in config.experts)
     math = bound(experts[config.experts[1].name])
@@ -50,6 +50,16 @@ def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> No
     assert bound(placement)._deployment_config.max_ongoing_requests >= 1000
     for expert in experts.values():
         assert bound(expert).init_args[2] is placement
+
+
+def test_tiers_off_means_no_placement_service(tmp_path: Path) -> None:
+    data = demo_data()
+    data["tiers"] = {"enabled": False}
+    config = parse_config(data)
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    assert ingress.init_args[3] is None
+    for expert in ingress.init_args[2].values():
+        assert bound(expert).init_args[2] is None
 
 
 def test_app_builder_rejects_unknown_args() -> None:
