@@ -163,20 +163,29 @@ class DeviceArena:
 
     @classmethod
     def create_file(cls, path: Path, capacity: int) -> DeviceArena:
-        """Create (or overwrite) a shared file-backed arena and pre-fault it."""
+        """Create (or replace) a shared file-backed arena and pre-fault it.
+
+        The new file is built under a temporary name and renamed into place, so a
+        process still mapping an older arena at ``path`` keeps its own bytes intact.
+        """
         _check_capacity(capacity)
         path = Path(path)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            descriptor = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as error:
             raise ArenaError(f"cannot create arena file {path}: {error}") from error
         try:
             os.ftruncate(descriptor, capacity)
-            arena = cls._map(path, descriptor, capacity)
+            arena = cls._map(path, descriptor, capacity, populate=False)
+            assert arena._host is not None
+            arena._host[::PAGE_BYTES] = 0  # allocate every page of the file now
+            os.replace(staging, path)
+        except OSError as error:
+            staging.unlink(missing_ok=True)
+            raise ArenaError(f"cannot create arena file {path}: {error}") from error
         finally:
             os.close(descriptor)
-        assert arena._host is not None
-        arena._host[::PAGE_BYTES] = 0  # allocate every page of the file now
         return arena
 
     @classmethod
@@ -203,9 +212,13 @@ class DeviceArena:
         return cls.create_file(path, capacity)
 
     @classmethod
-    def _map(cls, path: Path, descriptor: int, capacity: int) -> DeviceArena:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    def _map(cls, path: Path, descriptor: int, capacity: int, populate: bool = True) -> DeviceArena:
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         mapping = mmap.mmap(descriptor, capacity, flags=flags)
+        # Huge pages make bulk copies faster where the kernel allows them for shared
+        # memory (transparent_hugepage/shmem_enabled = advise); elsewhere a no-op.
+        with contextlib.suppress(AttributeError, OSError):
+            mapping.madvise(mmap.MADV_HUGEPAGE)
         host = np.frombuffer(mapping, dtype=np.uint8)
         return cls("file", capacity, host=host, path=path, mapping=mapping)
 

@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +210,35 @@ def _as_flat_tensor(buffer: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(buffer)
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _view(
+    flat: torch.Tensor, typed: dict[torch.dtype, torch.Tensor | None], entry: TensorEntry
+) -> torch.Tensor:
+    """One tensor of ``flat``: a single ``as_strided`` on a per-dtype view of the buffer
+    (a switch builds hundreds of these), else slice-and-view when the buffer's start is
+    not aligned to the dtype."""
+    dtype = torch_dtype(entry.dtype)
+    if dtype not in typed:
+        usable = flat.numel() - flat.numel() % dtype.itemsize
+        try:
+            typed[dtype] = flat[:usable].view(dtype)
+        except RuntimeError:
+            typed[dtype] = None
+    whole = typed[dtype]
+    if whole is None:
+        return flat[entry.offset : entry.offset + entry.nbytes].view(dtype).view(entry.shape)
+    start = whole.storage_offset() + entry.offset // dtype.itemsize
+    return whole.as_strided(entry.shape, _contiguous_strides(entry.shape), start)
+
+
 def tensor_views(buffer: np.ndarray | torch.Tensor, index: TensorIndex) -> dict[str, torch.Tensor]:
     """Named tensors viewing ``buffer`` (no copy); tied names map to the same tensor object.
 
@@ -221,13 +251,36 @@ def tensor_views(buffer: np.ndarray | torch.Tensor, index: TensorIndex) -> dict[
             f"buffer holds {flat.numel()} bytes but the index needs {index.total_bytes}"
         )
     by_place: dict[tuple[int, str, tuple[int, ...]], torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor | None] = {}
     views: dict[str, torch.Tensor] = {}
     for entry in index:
         place = (entry.offset, entry.dtype, entry.shape)
         view = by_place.get(place)
         if view is None:
-            dtype = torch_dtype(entry.dtype)
-            view = flat[entry.offset : entry.offset + entry.nbytes].view(dtype).view(entry.shape)
+            view = _view(flat, typed, entry)
             by_place[place] = view
         views[entry.name] = view
     return views
+
+
+def checkpoint_nbytes(directory: Path) -> int:
+    """Bytes of tensor data in a safetensors checkpoint, read from the file headers only.
+
+    A lower bound of the packed size (which adds alignment and non-persistent buffers),
+    cheap enough to check a device budget against when the configuration loads.
+    """
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} has no *.safetensors files")
+    total = 0
+    for file in files:
+        with file.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_length <= 100 << 20:
+                raise ValueError(f"{file} is not a safetensors file (header {header_length} bytes)")
+            header = json.loads(handle.read(header_length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                total += int(end) - int(start)
+    return total

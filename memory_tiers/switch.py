@@ -105,29 +105,52 @@ class ModelSkeleton:
     def bind(self, views: Mapping[str, torch.Tensor], generation: int | None = None) -> Any:
         """Point every parameter and buffer at ``views`` (no copy); returns the model.
 
-        Names that share one view object (tied weights) get one shared Parameter, so
-        they stay tied. Checks everything before changing anything.
+        Tied parameters (one Parameter under several names) stay one Parameter; the
+        views must agree for them. Parameters already on the views' device are kept
+        and re-pointed (``param.data = view``), so a switch creates no module objects.
+        Checks everything before changing anything.
         """
         self.check(views)
-        parameters: dict[int, torch.nn.Parameter] = {}
+        wanted: dict[int, tuple[torch.nn.Parameter, torch.Tensor, str]] = {}
         for name, (module, local, is_param) in self._slots.items():
+            if not is_param:
+                continue
+            current = module._parameters[local]
+            assert current is not None
             view = views[name]
-            if is_param:
-                parameter = parameters.get(id(view))
-                if parameter is None:
-                    parameter = torch.nn.Parameter(view, requires_grad=False)
-                    parameters[id(view)] = parameter
-                module._parameters[local] = parameter
+            prior = wanted.get(id(current))
+            if prior is None:
+                wanted[id(current)] = (current, view, name)
+            elif prior[1].data_ptr() != view.data_ptr():
+                raise BindError(
+                    f"{name} and {prior[2]} are one tied parameter in the model but "
+                    "different tensors in the views"
+                )
+        replaced: dict[int, torch.nn.Parameter] = {}
+        for current, view, _ in wanted.values():
+            if current.device == view.device and current.dtype == view.dtype:
+                current.data = view
+                replaced[id(current)] = current
             else:
-                module._buffers[local] = view
+                replaced[id(current)] = torch.nn.Parameter(view, requires_grad=False)
+        for name, (module, local, is_param) in self._slots.items():
+            if is_param:
+                module._parameters[local] = replaced[id(module._parameters[local])]
+            else:
+                module._buffers[local] = views[name]
         self.bound_generation = generation
         return self.model
 
     def bind_buffer(
         self, buffer: np.ndarray | torch.Tensor, index: TensorIndex, generation: int | None = None
     ) -> Any:
-        """``bind`` to the tensors ``index`` describes inside ``buffer``."""
-        return self.bind(tensor_views(buffer, index), generation)
+        """``bind`` to the tensors ``index`` describes inside ``buffer``.
+
+        Safe to call under ``torch.inference_mode``: the views are made as normal
+        tensors, so the bound model also runs outside it.
+        """
+        with torch.inference_mode(False):
+            return self.bind(tensor_views(buffer, index), generation)
 
 
 def copy_into(destination: np.ndarray | torch.Tensor, source: np.ndarray) -> None:

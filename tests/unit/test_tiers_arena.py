@@ -141,3 +141,15 @@ def test_random_allocations_never_overlap_and_holes_stay_coalesced(
         assert sum(length for _, length in holes) == allocator.free_bytes
         for (offset, length), (next_offset, _) in itertools.pairwise(holes):
             assert offset + length < next_offset  # adjacent holes would have merged
+
+
+def test_recreating_an_arena_leaves_an_old_mapping_intact(tmp_path: Path) -> None:
+    path = tmp_path / "arena.bin"
+    old = DeviceArena.create_file(path, 1 << 16)
+    old.host_view(Region(0, 2))[:] = [5, 6]
+    new = DeviceArena.create_file(path, 1 << 17)
+    assert old.host_view(Region(0, 2)).tolist() == [5, 6]
+    assert new.host_view(Region(0, 2)).tolist() == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arena.bin"]
+    old.close()
+    new.close()

@@ -167,3 +167,43 @@ def test_cuda_copies_through_double_buffered_staging_are_exact() -> None:
     assert np.array_equal(destination.cpu().numpy(), source)
     copy_into(destination, np.zeros_like(source))
     assert int(destination.sum()) == 0
+
+
+def test_rebinding_keeps_parameter_objects_and_tied_views_must_agree() -> None:
+    skeleton = ModelSkeleton.from_config(_tiny_config(tied=True))
+    torch.manual_seed(0)
+    buffer, index = pack_module(AutoModelForCausalLM.from_config(_tiny_config(tied=True)))
+    model = skeleton.bind_buffer(buffer.copy(), index)
+    first = {name: id(p) for name, p in model.named_parameters()}
+    model = skeleton.bind_buffer(buffer.copy(), index)
+    assert {name: id(p) for name, p in model.named_parameters()} == first
+    views = dict(tensor_views(buffer, index))
+    views["lm_head.weight"] = views["model.embed_tokens.weight"].clone()
+    with pytest.raises(BindError, match="tied"):
+        skeleton.bind(views)
+
+
+def test_a_model_bound_under_inference_mode_also_runs_outside_it() -> None:
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(_tiny_config()).eval()
+    buffer, index = pack_module(reference)
+    skeleton = ModelSkeleton.from_config(_tiny_config())
+    with torch.inference_mode():
+        skeleton.bind_buffer(buffer.copy(), index)
+        skeleton.bind_buffer(buffer.copy(), index)
+    with torch.no_grad():
+        assert torch.equal(skeleton.model(PROMPT).logits, reference(PROMPT).logits)
+
+
+def test_checkpoint_nbytes_reads_headers_and_bounds_the_packed_size(tmp_path: Path) -> None:
+    from memory_tiers.packing import checkpoint_nbytes
+
+    directory = _save_tiny(tmp_path / "tiny", seed=0, tied=False)
+    _, index = CheckpointSource(directory).build()
+    on_disk = checkpoint_nbytes(directory)
+    assert 0 < on_disk <= index.total_bytes
+    assert index.total_bytes - on_disk < 256 * len(index.entries) + 4096  # alignment, buffers
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        checkpoint_nbytes(tmp_path / "bad")
