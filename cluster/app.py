@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from cluster.config import CoEConfig, ConfigError, load_config
 from cluster.deployments import (
@@ -30,19 +32,52 @@ def expert_deployment_name(expert: str) -> str:
     return f"expert-{expert}"
 
 
+# The code every replica runs; a change to it must restart replicas even when their
+# arguments are the same.
+_CODE_VERSION = hashlib.sha256(
+    b"".join(
+        (Path(__file__).parent / name).read_bytes()
+        for name in ("deployments.py", "placement.py", "service.py")
+    )
+).hexdigest()[:16]
+
+
+def replica_version(*parts: Any) -> str:
+    """A deployment version that changes exactly when the replica's arguments or code do.
+
+    Serve restarts a deployment's replicas when its version changes and only calls
+    `reconfigure` when just its `user_config` changed. Left to itself, `serve.run`
+    gives every deployment a fresh random version, restarting every replica on
+    every config change; a stable version keeps unchanged experts running.
+    """
+    encoded = json.dumps([_CODE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+
+def _versioned(deployment: Deployment, *parts: Any) -> Deployment:
+    # `version` is internal in Ray Serve 2.60's options(); it is what serve.run reads.
+    return deployment.options(version=replica_version(deployment.name, *parts), _internal=True)
+
+
 def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     """Bind the deployment graph; nothing starts until Serve runs it."""
     as_dict = config.model_dump(mode="json")
     placement = None
     if config.tiers.enabled:
-        placement = PlacementDeployment.options(
+        placement_deployment = PlacementDeployment.options(
             name=PLACEMENT_NAME,
             # Acquires wait for active slots inside the service: never queue them outside.
             max_ongoing_requests=10_000,
             ray_actor_options={"num_cpus": 0},
             # Replicas report residency every second; that is not access worth logging.
             logging_config={"enable_access_log": False},
-        ).bind(as_dict, {name: str(path) for name, path in checkpoints.items()})
+            # New experts are registered in place; the arena and its residents stay.
+            user_config={
+                "config": as_dict,
+                "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+            },
+        )
+        placement = _versioned(placement_deployment).bind()
     experts = {}
     for expert in config.experts:
         autoscaling = expert.autoscaling.model_dump(exclude_none=True)
@@ -52,12 +87,17 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             max_ongoing_requests=expert.max_ongoing_requests,
             ray_actor_options=expert.ray_actor_options.model_dump(exclude_none=True),
         )
-        experts[expert.name] = deployment.bind(
-            expert.model_dump(mode="json"), str(checkpoints[expert.name]), placement
+        arguments = (expert.model_dump(mode="json"), str(checkpoints[expert.name]))
+        experts[expert.name] = _versioned(deployment, *arguments, placement is not None).bind(
+            *arguments, placement
         )
-    router = RouterDeployment.options(
-        name=ROUTER_NAME, ray_actor_options={"num_cpus": config.router.num_cpus}
-    ).bind(as_dict)
+    router = _versioned(
+        RouterDeployment.options(
+            name=ROUTER_NAME,
+            ray_actor_options={"num_cpus": config.router.num_cpus},
+            user_config=as_dict,  # a config change reconfigures the router in place
+        )
+    ).bind()
     ingress = IngressDeployment.options(
         name=INGRESS_NAME, ray_actor_options={"num_cpus": config.serve.ingress_num_cpus}
     )

@@ -39,6 +39,31 @@ def _demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply(args: argparse.Namespace) -> int:
+    """Push a changed config to a running cluster: Serve updates only what changed."""
+    import logging
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.setup_steps import prepare_checkpoints
+
+    config = load_config(args.config)
+    checkpoints = prepare_checkpoints(config, progress=say)
+    try:
+        ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as error:
+        raise ClusterUnavailable(f"no running cluster at {args.address!r}: {error}") from None
+    try:
+        say(f"applying {args.config} to application {config.serve.app_name!r}")
+        serve.run(build_app(config, checkpoints), name=config.serve.app_name, route_prefix="/")
+        say("applied: the router reconfigured in place; unchanged experts kept running")
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     say(f"{args.config} is valid: experts {[e.name for e in config.experts]}")
@@ -73,6 +98,15 @@ def parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and print its routing")
     check.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="config YAML")
     check.set_defaults(run=_config_check)
+
+    apply = commands.add_parser(
+        "apply",
+        help="apply a changed config to a running cluster (new experts, categories, map, "
+        "scores) without restarting what did not change",
+    )
+    apply.add_argument("config", help="config YAML")
+    apply.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    apply.set_defaults(run=_apply)
 
     add_tier_commands(commands)
     return root

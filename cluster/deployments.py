@@ -33,7 +33,8 @@ from cluster.service import CoEService
 from cluster.setup_steps import build_router
 from memory_tiers.arena import DeviceArena
 from memory_tiers.packing import TensorIndex
-from router.two_step import RouteDecision
+from router.embedder import make_embedder
+from router.two_step import RouteDecision, TwoStepRouter
 
 logger = logging.getLogger("ray.serve")
 # How long an expert replica keeps retrying while the placement service restarts.
@@ -159,18 +160,47 @@ class ExpertReplica:
 
 
 class RouterReplica:
-    """The two-step router; concurrent prompts are classified in one batch."""
+    """The two-step router; concurrent prompts are classified in one batch.
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    The config arrives as Serve's `user_config`, so a changed map, new categories or
+    new expert scores take effect through `reconfigure` without restarting the replica.
+    """
+
+    def __init__(self) -> None:
+        self.router: TwoStepRouter | None = None
+        self.embedder: Any = None
+        self.embedder_name = ""
+        self.reconfigurations = 0
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
         settings = parse_config(config)
-        self.router = build_router(settings)
+        if settings.router.embedder != self.embedder_name:
+            self.embedder = make_embedder(settings.router.embedder)
+            self.embedder_name = settings.router.embedder
+        self.router = build_router(settings, self.embedder)
         batched: Any = self.route  # serve.batch adds the setters at run time
         batched.set_max_batch_size(settings.router.max_batch_size)
         batched.set_batch_wait_timeout_s(settings.router.batch_wait_timeout_s)
+        self.reconfigurations += 1
+        logger.info(
+            "router configured (%d): categories %s",
+            self.reconfigurations,
+            list(self.router.classifier.categories),
+        )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def route(self, prompts: list[str]) -> list[RouteDecision]:
+        assert self.router is not None  # Serve reconfigures before the first request
         return await asyncio.to_thread(self.router.route_batch, prompts)
+
+    def info(self) -> dict[str, Any]:
+        assert self.router is not None
+        return {
+            "pid": os.getpid(),
+            "reconfigurations": self.reconfigurations,
+            "categories": list(self.router.classifier.categories),
+            "mode": self.router.mode,
+        }
 
 
 class HandleBackend:

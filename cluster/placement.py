@@ -47,43 +47,71 @@ def arena_path(config: CoEConfig, device: str = HOST_DEVICE) -> Path:
 class PlacementReplica:
     """Serve-facing wrapper of `memory_tiers.placement.PlacementService`."""
 
-    def __init__(self, config: dict[str, Any], checkpoints: dict[str, str]) -> None:
-        settings = parse_config(config)
+    def __init__(self) -> None:
+        self.service: PlacementService | None = None
+        self.incarnation = uuid.uuid4().hex
+        self.refused_reports = 0
+        self.pinned: list[str] = []
+        self.ready_at = 0.0
+        self.settings: CoEConfig | None = None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """First call: open the arena and pack every expert. Later calls (a config
+        change): pack the experts that are new; the arena and its residents stay."""
+        settings = parse_config(user_config["config"])
+        checkpoints = {name: Path(path) for name, path in user_config["checkpoints"].items()}
+        if self.service is None:
+            self._start(settings)
+        elif settings.tiers != self._tiers():
+            logger.warning("placement: tiers settings changed; they apply after a restart")
+        service = self._require()
+        for expert in settings.experts:
+            if expert.name in service.experts():
+                continue
+            source = CheckpointSource(checkpoints[expert.name], expert.dtype)
+            record = service.register(expert.name, source)
+            logger.info("placement: %s packed into DDR (%d bytes)", expert.name, record.nbytes)
+        if self.settings is None and self.ready_at <= time.monotonic():
+            for name in self.pinned:
+                service.pin(name, HOST_DEVICE)
+            self.pinned = []
+        self.settings = settings
+
+    def _start(self, settings: CoEConfig) -> None:
         tiers = settings.tiers
         assert tiers.hbm_budget_bytes is not None  # the schema requires it when enabled
         path = arena_path(settings)
         restarted = path.is_file() and path.stat().st_size == tiers.hbm_budget_bytes
         spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
         self.service = PlacementService([spec], RayObjectStore(), tiers.eviction)
-        for expert in settings.experts:
-            source = CheckpointSource(Path(checkpoints[expert.name]), expert.dtype)
-            record = self.service.register(expert.name, source)
-            logger.info("placement: %s packed into DDR (%d bytes)", expert.name, record.nbytes)
         self.slots = ActiveSlots(tiers.active_slots)
-        self.incarnation = uuid.uuid4().hex
         self.pinned = list(tiers.pinned)
         self.ready_at = time.monotonic() + (RESTART_GRACE_S if restarted else 0.0)
-        self.refused_reports = 0
-        if not restarted:
-            for name in self.pinned:
-                self.service.pin(name, HOST_DEVICE)
+
+    def _tiers(self) -> Any:
+        return self.settings.tiers if self.settings is not None else None
+
+    def _require(self) -> PlacementService:
+        if self.service is None:
+            raise RuntimeError("the placement service has not been configured yet")
+        return self.service
 
     async def _after_grace(self) -> None:
         delay = self.ready_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
             for name in self.pinned:  # pin once reported residents are known
-                await asyncio.to_thread(self.service.pin, name, HOST_DEVICE)
+                await asyncio.to_thread(self._require().pin, name, HOST_DEVICE)
             self.pinned = []
 
     # -- what replicas call --------------------------------------------------------
 
     def describe(self, expert: str) -> dict[str, Any]:
         """The arena file and tensor index an expert replica binds against."""
-        index: TensorIndex = self.service.index(expert)
+        index: TensorIndex = self._require().index(expert)
         return {
             "device": HOST_DEVICE,
-            "arena_path": str(self.service.arena_path(HOST_DEVICE)),
+            "arena_path": str(self._require().arena_path(HOST_DEVICE)),
             "index": index.to_json(),
         }
 
@@ -93,7 +121,7 @@ class PlacementReplica:
         slot = await self.slots.acquire(expert)
         waited = time.perf_counter() - started
         try:
-            lease = await self.service.acquire_async(expert, HOST_DEVICE)
+            lease = await self._require().acquire_async(expert, HOST_DEVICE)
         except BaseException:
             self.slots.release(slot)
             raise
@@ -109,13 +137,13 @@ class PlacementReplica:
 
     def _release_lease(self, lease: Lease) -> None:
         try:
-            self.service.release(lease)
+            self._require().release(lease)
         except Exception as error:  # an unknown lease after a restart is not fatal
             logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
 
     async def prefetch(self, expert: str) -> bool:
         await self._after_grace()
-        return await asyncio.to_thread(self.service.prefetch, expert, HOST_DEVICE)
+        return await asyncio.to_thread(self._require().prefetch, expert, HOST_DEVICE)
 
     async def report(self, report: ResidencyReport, incarnation: str) -> bool:
         """A replica says what an earlier incarnation granted it; accepted when the arena
@@ -123,24 +151,24 @@ class PlacementReplica:
         to nobody and are ignored (an evicted expert must stay evicted)."""
         if incarnation == self.incarnation:
             return False
-        residency = self.service.residency()[report.device]
+        residency = self._require().residency()[report.device]
         if any(r.expert == report.expert for r in residency.residents):
             return False
         if not await asyncio.to_thread(self._holds_expert_bytes, report):
             self.refused_reports += 1
             return False
-        refused = self.service.restore_from_reports([report])
+        refused = self._require().restore_from_reports([report])
         if refused:
             logger.warning("placement: report refused: %s", refused)
         return not refused
 
     def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
-        expected = self.service.ddr_buffer(report.expert)
+        expected = self._require().ddr_buffer(report.expert)
         if expected.nbytes != report.nbytes:
             return False
         region = Region(report.offset, report.nbytes)
         try:
-            held = self.service.arena(report.device).host_view(region)
+            held = self._require().arena(report.device).host_view(region)
         except Exception:
             return False
         return bool(np.array_equal(held, expected))
@@ -148,18 +176,18 @@ class PlacementReplica:
     # -- operators -----------------------------------------------------------------
 
     def residency(self) -> dict[str, Any]:
-        return self.service.residency_json()
+        return self._require().residency_json()
 
     def metrics(self) -> dict[str, Any]:
         return {
-            **self.service.metrics(),
+            **self._require().metrics(),
             "incarnation": self.incarnation,
             "refused_reports": self.refused_reports,
             "slots": self.slots.stats().to_dict(),
         }
 
     def pin(self, expert: str) -> None:
-        self.service.pin(expert, HOST_DEVICE)
+        self._require().pin(expert, HOST_DEVICE)
 
     def unpin(self, expert: str) -> None:
-        self.service.unpin(expert, HOST_DEVICE)
+        self._require().unpin(expert, HOST_DEVICE)

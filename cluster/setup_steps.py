@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from actors.checkpoint import Progress, validate_checkpoint
 from actors.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
+from router.classifier import load_classifier, make_classifier
 from router.embedder import Embedder, make_embedder
 from router.mapping import CategoryMap
-from router.two_step import TwoStepRouter, few_shot_router
+from router.score_table import ScoreTable
+from router.two_step import TwoStepRouter
 
 
 def expert_checkpoint(expert: ExpertSettings, config: CoEConfig) -> Path:
@@ -79,18 +84,82 @@ def check_tier_budget(config: CoEConfig, checkpoints: dict[str, Path]) -> None:
 
 
 def build_router(config: CoEConfig, embedder: Embedder | None = None) -> TwoStepRouter:
+    """The configured two-step router: few-shot or trained classifier, hard or soft routing.
+
+    A trained classifier learns each config category it does not know from that
+    category's examples (`with_category`): the trained classes are not refitted.
+    """
     settings = config.router
+    embedder = embedder or make_embedder(settings.embedder)
     category_map = CategoryMap(
         experts_by_category=dict(config.category_map),
         generalist=config.generalist,
         experts=frozenset(e.name for e in config.experts),
     )
-    return few_shot_router(
-        embedder or make_embedder(settings.embedder),
-        {c.name: list(c.examples) for c in config.categories},
+    table = score_table(config)
+    classifier: Any
+    if settings.classifier == "trained":
+        classifier = trained_classifier(config, embedder)
+    else:
+        texts = [text for c in config.categories for text in c.examples]
+        labels = [c.name for c in config.categories for _ in c.examples]
+        params: dict[str, Any] = {"temperature": settings.temperature}
+        if settings.classifier == "knn":
+            params["k"] = settings.knn_k
+        classifier = make_classifier(settings.classifier, **params).fit(
+            embedder.embed(texts), labels
+        )
+    return TwoStepRouter(
+        embedder,
+        classifier,
         category_map,
         settings.confidence_threshold,
-        classifier=settings.classifier,
-        temperature=settings.temperature,
-        knn_k=settings.knn_k,
+        mode=settings.routing,
+        score_table=table,
+        cost_weight=settings.cost_weight,
+    )
+
+
+def trained_classifier(config: CoEConfig, embedder: Embedder) -> Any:
+    """Load `router.artifact`, extended by the config's categories it does not know."""
+    assert config.router.artifact is not None  # the schema requires it for 'trained'
+    directory = resolve_path(config.router.artifact)
+    try:
+        classifier: Any = load_classifier(directory)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"router.artifact {directory}: {error}") from None
+    configured = {c.name: c for c in config.categories}
+    unknown = sorted(set(classifier.categories) - set(configured))
+    if unknown:
+        raise ConfigError(
+            f"the classifier at {directory} predicts categories the config does not list "
+            f"(add them to categories and category_map): {unknown}"
+        )
+    for name, category in configured.items():
+        if name in classifier.categories:
+            continue
+        if not category.examples:
+            raise ConfigError(
+                f"category {name!r} is new to the classifier at {directory}; give it examples"
+            )
+        classifier = classifier.with_category(name, embedder.embed(list(category.examples)))
+    return classifier
+
+
+def score_table(config: CoEConfig) -> ScoreTable | None:
+    """`expert_scores` as a table (missing cells score 0), costs from `params_b`."""
+    if not config.expert_scores:
+        return None
+    categories = [c.name for c in config.categories]
+    experts = [e.name for e in config.experts]
+    scores = np.zeros((len(categories), len(experts)))
+    for row, category in enumerate(categories):
+        for column, expert in enumerate(experts):
+            scores[row, column] = config.expert_scores.get(category, {}).get(expert, 0.0)
+    return ScoreTable(
+        categories=tuple(categories),
+        experts=tuple(experts),
+        scores=scores,
+        costs_b=np.array([e.params_b for e in config.experts]),
+        frequencies=np.full(len(categories), 1.0 / len(categories)),
     )

@@ -28,3 +28,18 @@ class CategoryMap:
             return self.experts_by_category[category]
         except KeyError:
             raise KeyError(f"no expert mapped for category {category!r}") from None
+
+    def with_category(self, category: str, expert: str) -> CategoryMap:
+        """A copy that also (or instead) sends `category` to `expert`; the rest is unchanged."""
+        if expert not in self.experts:
+            raise ValueError(f"category {category!r} maps to unknown expert {expert!r}")
+        return CategoryMap(
+            {**self.experts_by_category, category: expert}, self.generalist, self.experts
+        )
+
+    @classmethod
+    def from_assignment(
+        cls, assignment: Mapping[str, str], generalist: str, experts: frozenset[str] = frozenset()
+    ) -> CategoryMap:
+        """From an optimiser's MapChoice.assignment (category -> expert)."""
+        return cls(dict(assignment), generalist, experts)

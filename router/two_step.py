@@ -1,15 +1,35 @@
-"""The two-step router: embed -> classify into a category -> map to an expert."""
+"""The two-step router: embed -> classify into a category -> map to an expert.
+
+The second step runs in one of two modes (see router.policy): "hard" sends the most
+probable category to its mapped expert; "soft" weighs every expert's scores by the
+whole category distribution, minus a price on active parameters. Both fall back to
+the generalist below the confidence threshold.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from router.classifier import CategoryClassifier, CentroidClassifier, KNNClassifier
 from router.embedder import Embedder
 from router.mapping import CategoryMap
+from router.optimiser import ScoreTable
+from router.policy import HardRouting, SoftRouting, choose_experts
+
+RoutingMode = Literal["hard", "soft"]
+ROUTING_MODES: tuple[RoutingMode, ...] = ("hard", "soft")
+
+
+@runtime_checkable
+class TextCategoryClassifier(Protocol):
+    """A classifier that reads the prompt text as well as its embedding."""
+
+    categories: list[str]
+
+    def predict_proba_texts(self, texts: list[str], vectors: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -21,6 +41,8 @@ class RouteDecision:
     confidence: float
     fallback: bool  # True when confidence was below threshold and the generalist took it
     scores: dict[str, float]
+    # sum_c p(c|x) * score[c, expert] when the router has a score table, else None.
+    expected_quality: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,46 +54,117 @@ class TwoStepRouter:
     def __init__(
         self,
         embedder: Embedder,
-        classifier: CategoryClassifier,
+        classifier: CategoryClassifier | TextCategoryClassifier,
         category_map: CategoryMap,
         confidence_threshold: float,
+        *,
+        mode: RoutingMode = "hard",
+        score_table: ScoreTable | None = None,
+        cost_weight: float = 0.0,
     ) -> None:
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-        missing = [c for c in classifier.categories if c not in category_map.experts_by_category]
-        if missing:
-            raise ValueError(f"categories without an expert: {missing}")
+        if mode not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+        categories = list(classifier.categories)
+        self.routing: HardRouting | SoftRouting
+        if mode == "hard":
+            missing = [c for c in categories if c not in category_map.experts_by_category]
+            if missing:
+                raise ValueError(f"categories without an expert: {missing}")
+            self.routing = HardRouting(
+                category_map.experts_by_category, category_map.generalist, confidence_threshold
+            )
+        else:
+            self.routing = _soft_routing(
+                categories, category_map, confidence_threshold, score_table, cost_weight
+            )
         self.embedder = embedder
         self.classifier = classifier
         self.category_map = category_map
         self.confidence_threshold = confidence_threshold
+        self.mode: RoutingMode = mode
+        self.score_table = score_table
+        self._table_rows = (
+            None
+            if score_table is None or any(c not in score_table.categories for c in categories)
+            else np.array([score_table.category_index(c) for c in categories], dtype=np.int64)
+        )
+
+    def probabilities(self, prompts: list[str]) -> np.ndarray:
+        """p(category | prompt), one row per prompt, columns = classifier.categories."""
+        vectors = self.embedder.embed(prompts)
+        if isinstance(self.classifier, TextCategoryClassifier):
+            return self.classifier.predict_proba_texts(prompts, vectors)
+        return self.classifier.predict_proba(vectors)
 
     def route_batch(self, prompts: list[str]) -> list[RouteDecision]:
         if not prompts:
             return []
-        probabilities = self.classifier.predict_proba(self.embedder.embed(prompts))
-        return [self._decide(row) for row in probabilities]
+        probabilities = np.asarray(self.probabilities(prompts), dtype=np.float64)
+        categories = list(self.classifier.categories)
+        experts, fallback = choose_experts(probabilities, categories, self.routing)
+        best = np.argmax(probabilities, axis=1)
+        confidence = probabilities[np.arange(len(prompts)), best]
+        quality = self._expected_quality(probabilities, experts)
+        return [
+            RouteDecision(
+                expert=experts[row],
+                category=categories[best[row]],
+                confidence=float(confidence[row]),
+                fallback=bool(fallback[row]),
+                scores={
+                    c: round(float(p), 6)
+                    for c, p in zip(categories, probabilities[row], strict=True)
+                },
+                expected_quality=None if quality is None else quality[row],
+            )
+            for row in range(len(prompts))
+        ]
 
     def route(self, prompt: str) -> RouteDecision:
         return self.route_batch([prompt])[0]
 
-    def _decide(self, probabilities: np.ndarray) -> RouteDecision:
-        categories = self.classifier.categories
-        best = int(np.argmax(probabilities))
-        confidence = float(probabilities[best])
-        fallback = confidence < self.confidence_threshold
-        expert = (
-            self.category_map.generalist
-            if fallback
-            else self.category_map.expert_for(categories[best])
+    def _expected_quality(
+        self, probabilities: np.ndarray, experts: list[str]
+    ) -> list[float | None] | None:
+        table, rows = self.score_table, self._table_rows
+        if table is None or rows is None:
+            return None
+        known = {e: i for i, e in enumerate(table.experts)}
+        scores = table.scores[rows]  # (categories, experts), in classifier column order
+        return [
+            round(float(p @ scores[:, known[e]]), 6) if e in known else None
+            for p, e in zip(probabilities, experts, strict=True)
+        ]
+
+
+def _soft_routing(
+    categories: list[str],
+    category_map: CategoryMap,
+    confidence_threshold: float,
+    score_table: ScoreTable | None,
+    cost_weight: float,
+) -> SoftRouting:
+    if score_table is None:
+        raise ValueError("soft routing needs a score_table (category x expert scores)")
+    unscored = [c for c in categories if c not in score_table.categories]
+    if unscored:
+        raise ValueError(f"categories without scores in the score table: {unscored}")
+    # Only experts that are deployed can be chosen, and only priced ones when cost matters.
+    allowed = tuple(
+        e
+        for e, cost in zip(score_table.experts, score_table.costs_b, strict=True)
+        if e in category_map.experts and not (cost_weight > 0 and np.isnan(cost))
+    )
+    if not allowed:
+        raise ValueError(
+            f"no expert of the score table {list(score_table.experts)} is deployed "
+            f"(deployed: {sorted(category_map.experts)}) with a known cost"
         )
-        return RouteDecision(
-            expert=expert,
-            category=categories[best],
-            confidence=confidence,
-            fallback=fallback,
-            scores={c: round(float(p), 6) for c, p in zip(categories, probabilities, strict=True)},
-        )
+    return SoftRouting(
+        score_table, cost_weight, category_map.generalist, confidence_threshold, allowed
+    )
 
 
 def few_shot_router(

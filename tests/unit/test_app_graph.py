@@ -76,3 +76,27 @@ def test_app_builder_reports_a_bad_config(tmp_path: Path) -> None:
 
 def test_demo_config_loads_for_the_graph() -> None:
     assert load_config(DEMO_CONFIG).serve.app_name == "coe"
+
+
+def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
+    def versions(data: dict[str, Any]) -> dict[str, str]:
+        config = parse_config(data)
+        ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+        _config, router, experts, placement = ingress.init_args
+        found = {name: bound(expert)._version for name, expert in experts.items()}
+        found["router"] = bound(router)._version
+        found["placement"] = bound(placement)._version
+        return found
+
+    before = versions(demo_data())
+    assert versions(demo_data()) == before  # rebuilding the same config changes nothing
+    changed = demo_data()
+    changed["experts"].append({**changed["experts"][0], "name": "newcomer"})
+    changed["categories"].append({"name": "poetry", "examples": ["a poem"]})
+    changed["category_map"]["poetry"] = "newcomer"
+    changed["experts"][2]["system_prompt"] = "Answer in code only."
+    after = versions(changed)
+    assert after.pop("newcomer")
+    differs = {name for name in before if after[name] != before[name]}
+    # The router and placement take the new config through reconfigure (user_config).
+    assert differs == {changed["experts"][2]["name"]}
