@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from actors.checkpoint import CheckpointError
 from cluster.config import DEMO_SOURCES, ConfigError, load_config
+from cluster.router_commands import CommandInputError, add_router_commands
 from cluster.tier_commands import ClusterUnavailable, add_tier_commands
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -108,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     apply.set_defaults(run=_apply)
 
+    add_router_commands(commands)
     add_tier_commands(commands)
     return root
 
@@ -119,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code: int = args.run(args)
-    except (ConfigError, CheckpointError, ClusterUnavailable) as error:
+    except (ConfigError, CheckpointError, ClusterUnavailable, CommandInputError) as error:
         say(f"error: {error}")
         return 2
     return code
