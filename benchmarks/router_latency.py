@@ -16,6 +16,10 @@ characters) share chunks with each other instead of padding every chunk; both th
 router and the embedder-only baseline see the identical chunks. Per-file medians
 are reported so the long-prompt sources are visible.
 
+The classify + map step is also timed alone (the same router over vectors embedded
+beforehand), which gives the router's own overhead free of the embedder's timing noise:
+`router_own_overhead_pct`. On a busy machine, --threads 1 keeps torch from thrashing.
+
 Without --classifier a logistic-regression classifier is trained on a stratified
 sample of the MMLU-Pro questions (embeddings cached on disk by content hash).
 """
@@ -23,6 +27,7 @@ sample of the MMLU-Pro questions (embeddings cached on disk by content hash).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -213,6 +218,40 @@ def time_batches(
     return best
 
 
+class PrecomputedEmbedder:
+    """Answers with vectors embedded beforehand, so only classify + map is left to time."""
+
+    def __init__(self, texts: list[str], embedder: Embedder) -> None:
+        unique = sorted(set(texts))
+        self.dimension = embedder.dimension
+        self.vectors = dict(zip(unique, embedder.embed(unique), strict=True))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self.vectors[t] for t in texts])
+
+
+def classify_and_map_cost(
+    router: TwoStepRouter,
+    embedder: Embedder,
+    sample: list[tuple[str, str]],
+    batch: list[str],
+    batch_size: int,
+    repeats: int,
+) -> dict[str, float]:
+    """The router's own work per prompt: the same router over precomputed vectors."""
+    texts = [p for _name, p in sample] + batch
+    say(f"embedding {len(set(texts))} prompts once to time classify + map alone")
+    own = copy.copy(router)
+    own.embedder = PrecomputedEmbedder(texts, embedder)
+    single_ms = []
+    for _name, prompt in sample:
+        start = time.perf_counter()
+        own.route(prompt)
+        single_ms.append((time.perf_counter() - start) * 1000)
+    rate = time_batches(batch, batch_size, repeats, {"classify+map": own.route_batch})
+    return {"p50_ms": percentile(single_ms, 50), "prompts_per_s": rate["classify+map"]}
+
+
 def run(
     router: TwoStepRouter,
     embedder: Embedder,
@@ -238,6 +277,7 @@ def run(
         batch, batch_size, repeats, {"embed": embedder.embed, "route": router.route_batch}
     )
     embed_rate, route_rate = rates["embed"], rates["route"]
+    own = classify_and_map_cost(router, embedder, sample, batch, batch_size, repeats)
     all_embed = [v for values in embed_ms.values() for v in values]
     all_route = [v for values in route_ms.values() for v in values]
     route_p50, embed_p50 = percentile(all_route, 50), percentile(all_embed, 50)
@@ -250,6 +290,11 @@ def run(
         "embed_batch_prompts_per_s": round(embed_rate, 1),
         "router_overhead_pct": round(100 * (route_p50 / embed_p50 - 1), 2),
         "router_batch_overhead_pct": round(100 * (embed_rate / route_rate - 1), 2),
+        "classify_map_p50_ms": round(own["p50_ms"], 4),
+        "classify_map_batch_prompts_per_s": round(own["prompts_per_s"], 1),
+        # Classify + map alone against the embedder: immune to noise in the embedder timings.
+        "router_own_overhead_pct": round(100 * own["p50_ms"] / embed_p50, 2),
+        "router_own_batch_overhead_pct": round(100 * embed_rate / own["prompts_per_s"], 2),
         "per_file": {
             name: {
                 "single_prompts": len(route_ms.get(name, [])),
@@ -272,6 +317,11 @@ def print_table(results: dict[str, Any], mode: str) -> None:
     single, batched = results["router_overhead_pct"], results["router_batch_overhead_pct"]
     print(
         f"router overhead over the embedder: {single:+.1f}% single (p50), {batched:+.1f}% batched"
+    )
+    own, own_batched = results["router_own_overhead_pct"], results["router_own_batch_overhead_pct"]
+    print(
+        f"classify + map alone: {results['classify_map_p50_ms']:.3f} ms p50 = {own:.2f}% of the "
+        f"embedder single, {own_batched:.2f}% batched"
     )
 
 
@@ -315,6 +365,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch intra-op threads (default: torch's own choice); 1 avoids thrashing on a "
         "busy machine",
     )
+    parser.add_argument(
+        "--max-seq-length",
+        type=int,
+        help="tokens the embedder reads per prompt (default: the model's own, 256 for MiniLM); "
+        "applies to the router and the embedder baseline alike",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("single", "batch_prompts", "batch_size", "repeats", "train_per_category"):
@@ -322,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.max_seq_length is not None and args.max_seq_length < 8:
+        parser.error(f"--max-seq-length must be >= 8, got {args.max_seq_length}")
     if args.budget_b < 0:
         parser.error(f"--budget-b must be >= 0, got {args.budget_b}")
     try:
@@ -345,6 +403,13 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
 
         say("loading the MiniLM embedder")
         embedder = MiniLMEmbedder()
+    model = getattr(embedder, "model", None)
+    if args.max_seq_length is not None:
+        if model is None or not hasattr(model, "max_seq_length"):
+            raise ValueError(
+                "--max-seq-length needs an embedder with a sentence-transformers model"
+            )
+        model.max_seq_length = args.max_seq_length
     if args.classifier is not None:
         from router.classifier import load_classifier
 
@@ -378,6 +443,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
         "batches_sorted_by_length": True,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "max_seq_length": getattr(model, "max_seq_length", None),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "embedder": getattr(embedder, "name", type(embedder).__name__),
     }

@@ -12,8 +12,9 @@ import numpy as np
 from actors.checkpoint import Progress, validate_checkpoint
 from actors.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
-from router.classifier import load_classifier, make_classifier
+from router.classifier import make_classifier
 from router.embedder import Embedder, make_embedder
+from router.features import TextClassifier, load_router_classifier
 from router.mapping import CategoryMap
 from router.score_table import ScoreTable
 from router.two_step import TwoStepRouter
@@ -125,7 +126,7 @@ def trained_classifier(config: CoEConfig, embedder: Embedder) -> Any:
     assert config.router.artifact is not None  # the schema requires it for 'trained'
     directory = resolve_path(config.router.artifact)
     try:
-        classifier: Any = load_classifier(directory)
+        classifier: Any = load_router_classifier(directory)
     except (OSError, ValueError) as error:
         raise ConfigError(f"router.artifact {directory}: {error}") from None
     configured = {c.name: c for c in config.categories}
@@ -142,7 +143,12 @@ def trained_classifier(config: CoEConfig, embedder: Embedder) -> Any:
             raise ConfigError(
                 f"category {name!r} is new to the classifier at {directory}; give it examples"
             )
-        classifier = classifier.with_category(name, embedder.embed(list(category.examples)))
+        examples = list(category.examples)
+        vectors = embedder.embed(examples)
+        if isinstance(classifier, TextClassifier):  # it reads the text next to the vectors
+            classifier = classifier.with_category(name, examples, vectors)
+        else:
+            classifier = classifier.with_category(name, vectors)
     return classifier
 
 

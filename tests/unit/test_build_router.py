@@ -98,3 +98,21 @@ def test_soft_routing_prices_parameters() -> None:
     decision = build_router(parse_config(priced), EMBEDDER).route("integral")
     assert decision.expert == "general"
     assert decision.expected_quality is not None
+
+
+def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path) -> None:
+    from router.features import TextClassifier
+
+    texts = ["sum", "integral sum", "sum it", "python", "code", "python code"]
+    labels = ["math"] * 3 + ["code"] * 3
+    TextClassifier(min_df=1).fit(texts, EMBEDDER.embed(texts), labels).save(tmp_path / "text")
+    data = config_data(classifier="trained", artifact=str(tmp_path / "text"))
+    data["categories"] = [
+        {"name": "math"},
+        {"name": "code"},
+        {"name": "writing", "examples": ["a poem", "a story", "poem and story"]},
+    ]
+    data["category_map"]["writing"] = "poet"
+    router = build_router(parse_config(data), EMBEDDER)
+    assert router.route("write a poem and a story").expert == "poet"
+    assert router.route("python code please").expert == "coder"

@@ -66,7 +66,7 @@ def test_smoke_run_writes_every_key(
     argv += ["--batch-size", "4", "--repeats", "2"]
     assert run_main(argv, tmp_path) == 0
     results = json.loads(out.read_text())
-    assert results.keys() >= KEYS
+    assert results.keys() >= KEYS | {"classify_map_p50_ms", "router_own_overhead_pct"}
     assert all(results[k] > 0 for k in KEYS - {"router_overhead_pct"})
     assert set(results["per_file"]) == {"short.jsonl", "long.jsonl"}
     assert results["per_file"]["short.jsonl"]["single_prompts"] == 5
@@ -120,6 +120,7 @@ def test_invalid_json_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--repeats", "-1"], "--repeats must be >= 1"),
         (["--budget-b", "-5"], "--budget-b must be >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--max-seq-length", "2"], "--max-seq-length must be >= 8"),
         (["--mode", "fuzzy"], "invalid choice"),
     ],
 )
@@ -152,3 +153,9 @@ def test_round_robin_takes_evenly_from_every_file() -> None:
     assert len({prompt for _, prompt in chosen}) == 9
     assert router_latency.round_robin(per_file, 9, seed=0) == chosen
     assert len(router_latency.round_robin(per_file, 100, seed=0)) == 17
+
+
+def test_max_seq_length_needs_a_real_model(tmp_path: Path, prompt_files: list[Path]) -> None:
+    argv = ["--json", str(tmp_path / "o.json"), "--prompts", str(prompt_files[0])]
+    with pytest.raises(ValueError, match="sentence-transformers model"):
+        run_main([*argv, "--max-seq-length", "64"], tmp_path)
