@@ -359,7 +359,7 @@ def _evaluate(
         "within_budget": cost <= budget,
         "fallback_rate": float(fallback.mean()),
         "confidence_threshold": tuned.threshold,
-        "cost_target_b": target,
+        "cost_target_b": None if target is None else float(target),
         "validation_accuracy": tuned.validation_accuracy,
         "validation_avg_active_params_b": tuned.validation_cost_b,
         **(
