@@ -41,6 +41,7 @@ from typing import Any, cast
 import numpy as np
 
 from router.embedder import Embedder
+from router.jsonl import json_objects
 from router.mapping import CategoryMap
 from router.optimiser import ScoreTable, optimise_map, score_table_from_correctness
 from router.two_step import ROUTING_MODES, RoutingMode, TwoStepRouter
@@ -67,22 +68,13 @@ def load_prompt_file(path: Path) -> list[str]:
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
     prompts: list[str] = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptFileError(f"{path}:{number}: not valid JSON ({error})") from error
-            text = None
-            if isinstance(record, dict):
-                text = record.get("prompt", record.get("question"))
-            if not isinstance(text, str) or not text.strip():
-                raise PromptFileError(
-                    f"{path}:{number}: needs a non-empty 'prompt' or 'question' string"
-                )
-            prompts.append(text)
+    for number, record in json_objects(path, PromptFileError):
+        text = record.get("prompt", record.get("question"))
+        if not isinstance(text, str) or not text.strip():
+            raise PromptFileError(
+                f"{path}:{number}: needs a non-empty 'prompt' or 'question' string"
+            )
+        prompts.append(text)
     if not prompts:
         raise PromptFileError(f"prompt file {path} holds no prompts")
     return prompts

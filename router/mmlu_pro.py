@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from router.jsonl import json_objects
+
 QUESTIONS_FILE = "questions.jsonl"
 CORRECTNESS_FILE = "correctness.csv"
 MODELS_FILE = "models.csv"
@@ -135,38 +137,29 @@ def _require(path: Path) -> Path:
 def _read_questions(path: Path) -> list[Question]:
     questions: list[Question] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{path}:{number}: not valid JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}:{number}: expected a JSON object")
-            missing = [f for f in QUESTION_FIELDS if f not in record]
-            if missing:
-                raise DatasetError(f"{path}:{number}: missing field(s) {missing}")
-            options = record["options"]
-            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise DatasetError(f"{path}:{number}: 'options' must be a list of strings")
-            if len(options) > len(OPTION_LETTERS):
-                raise DatasetError(f"{path}:{number}: {len(options)} options, at most 16")
-            question_id = str(record["question_id"])
-            if question_id in seen:
-                raise DatasetError(f"{path}:{number}: duplicate question_id {question_id!r}")
-            seen.add(question_id)
-            questions.append(
-                Question(
-                    question_id=question_id,
-                    category=str(record["category"]),
-                    src=str(record.get("src", "")),
-                    question=str(record["question"]),
-                    options=tuple(options),
-                    answer=str(record.get("answer", "")),
-                )
+    for number, record in json_objects(path, DatasetError):
+        missing = [f for f in QUESTION_FIELDS if f not in record]
+        if missing:
+            raise DatasetError(f"{path}:{number}: missing field(s) {missing}")
+        options = record["options"]
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise DatasetError(f"{path}:{number}: 'options' must be a list of strings")
+        if len(options) > len(OPTION_LETTERS):
+            raise DatasetError(f"{path}:{number}: {len(options)} options, at most 16")
+        question_id = str(record["question_id"])
+        if question_id in seen:
+            raise DatasetError(f"{path}:{number}: duplicate question_id {question_id!r}")
+        seen.add(question_id)
+        questions.append(
+            Question(
+                question_id=question_id,
+                category=str(record["category"]),
+                src=str(record.get("src", "")),
+                question=str(record["question"]),
+                options=tuple(options),
+                answer=str(record.get("answer", "")),
             )
+        )
     if not questions:
         raise DatasetError(f"{path} holds no questions")
     return questions

@@ -8,7 +8,6 @@ held-out part of the training data before refitting on all of it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from router.classifier import TrainableClassifier, _label_indices, make_classifier
+from router.jsonl import json_objects
 from router.mmlu_pro import OPTION_LETTERS, stratified_split
 
 
@@ -67,30 +67,21 @@ def load_labelled_jsonl(
     allowed = None if known_categories is None else set(known_categories)
     texts: list[str] = []
     labels: list[str] = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TrainingDataError(f"{path}:{number}: not valid JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise TrainingDataError(f"{path}:{number}: expected a JSON object")
-            text = prompt_text(record, with_options)
-            if text is None or not text.strip():
-                raise TrainingDataError(
-                    f"{path}:{number}: needs a non-empty 'prompt' or 'question' string"
-                )
-            category = record.get("category")
-            if not isinstance(category, str) or not category.strip():
-                raise TrainingDataError(f"{path}:{number}: needs a non-empty 'category' string")
-            if allowed is not None and category not in allowed:
-                raise TrainingDataError(
-                    f"{path}:{number}: unknown category {category!r}; known: {sorted(allowed)}"
-                )
-            texts.append(text)
-            labels.append(category)
+    for number, record in json_objects(path, TrainingDataError):
+        text = prompt_text(record, with_options)
+        if text is None or not text.strip():
+            raise TrainingDataError(
+                f"{path}:{number}: needs a non-empty 'prompt' or 'question' string"
+            )
+        category = record.get("category")
+        if not isinstance(category, str) or not category.strip():
+            raise TrainingDataError(f"{path}:{number}: needs a non-empty 'category' string")
+        if allowed is not None and category not in allowed:
+            raise TrainingDataError(
+                f"{path}:{number}: unknown category {category!r}; known: {sorted(allowed)}"
+            )
+        texts.append(text)
+        labels.append(category)
     if not texts:
         raise TrainingDataError(f"{path} holds no labelled prompts")
     return LabelledPrompts(texts, labels)

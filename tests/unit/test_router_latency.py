@@ -89,7 +89,7 @@ def test_soft_mode_needs_scores_for_the_categories(
     [
         ([{"prompt": "ok"}, {"text": "no prompt field"}], r"bad\.jsonl:2: needs a non-empty"),
         ([{"prompt": ""}], r"bad\.jsonl:1: needs a non-empty"),
-        (["just a string"], r"bad\.jsonl:1: needs a non-empty"),
+        (["just a string"], r"bad\.jsonl:1: expected a JSON object"),
         ([], r"holds no prompts"),
     ],
 )
