@@ -40,6 +40,7 @@ def _embedder() -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from router.features import TEXT_KIND, TextClassifier
     from router.training import train_classifier
 
     data = _labelled(args.data)
@@ -47,7 +48,11 @@ def _train(args: argparse.Namespace) -> int:
     _say("embedding (cached by content hash)")
     vectors = _embedder().embed(data.texts)
     _say(f"training a {args.kind} classifier")
-    classifier = train_classifier(args.kind, vectors, data.labels, seed=args.seed)
+    classifier: Any
+    if args.kind == TEXT_KIND:
+        classifier = TextClassifier(seed=args.seed).fit(data.texts, vectors, data.labels)
+    else:
+        classifier = train_classifier(args.kind, vectors, data.labels, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     classifier.save(args.out)
     _say(f"saved to {args.out}; set router.classifier: trained and router.artifact: {args.out}")
@@ -63,10 +68,10 @@ def confusion(truth: list[str], predicted: list[str], categories: list[str]) -> 
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from router.classifier import load_classifier
+    from router.features import TextClassifier, load_router_classifier
 
     try:
-        classifier = load_classifier(args.classifier)
+        classifier = load_router_classifier(args.classifier)
     except (OSError, ValueError) as error:
         raise CommandInputError(f"cannot load classifier {args.classifier}: {error}") from None
     data = _labelled(args.data)
@@ -75,7 +80,11 @@ def _eval(args: argparse.Namespace) -> int:
         raise CommandInputError(
             f"{args.data} has categories the classifier does not know: {unknown}"
         )
-    probabilities = classifier.predict_proba(_embedder().embed(data.texts))
+    vectors = _embedder().embed(data.texts)
+    if isinstance(classifier, TextClassifier):
+        probabilities = classifier.predict_proba_texts(data.texts, vectors)
+    else:
+        probabilities = classifier.predict_proba(vectors)
     categories = list(classifier.categories)
     predicted = [categories[i] for i in np.argmax(probabilities, axis=1)]
     matrix = confusion(data.labels, predicted, categories)
@@ -236,7 +245,10 @@ def add_router_commands(commands: Any) -> None:
     )
     train.add_argument("--out", type=Path, required=True, help="directory to save it in")
     train.add_argument(
-        "--kind", default="logreg", choices=("logreg", "knn", "centroid"), help="classifier"
+        "--kind",
+        default="logreg",
+        choices=("logreg", "knn", "centroid", "text-logreg"),
+        help="classifier; text-logreg adds word n-grams to the embedding (the most accurate)",
     )
     train.add_argument("--seed", type=int, default=0, help="calibration split seed")
     train.set_defaults(run=_train)

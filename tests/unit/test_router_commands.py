@@ -31,8 +31,9 @@ def labelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kind", ["centroid", "logreg", "text-logreg"])
 def test_train_then_eval(
-    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    kind: str, labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "router"
     assert (
@@ -56,7 +57,7 @@ def test_train_then_eval(
         == 0
     )
     result = json.loads(report.read_text())
-    assert result["accuracy"] == 1.0  # centroids of well-separated training prompts
+    assert result["accuracy"] == 1.0  # its own well-separated training prompts
     assert sum(map(sum, result["confusion"])) == 8
     assert "accuracy 1.0000" in capsys.readouterr().out
 
