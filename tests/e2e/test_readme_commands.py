@@ -7,7 +7,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.conftest import free_port
+from cluster.config import load_config
+from cluster.runner import remove_arena
+from tests.conftest import DEMO_CONFIG, free_port
 from tests.e2e.conftest import (
     VENV_BIN,
     Process,
@@ -78,3 +80,5 @@ def test_serve_deploy_on_a_local_cluster(tmp_path: Path) -> None:
         assert answer["coe"]["routed"] is True
     finally:
         run([ray, "stop", "--force"], env=env)
+        # `serve deploy` has no foreground process to give the shared arena back.
+        remove_arena(load_config(DEMO_CONFIG))
