@@ -53,6 +53,7 @@ class PlacementReplica:
         self.refused_reports = 0
         self.pinned: list[str] = []
         self.ready_at = 0.0
+        self.restarted = False
         self.settings: CoEConfig | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -71,22 +72,26 @@ class PlacementReplica:
             source = CheckpointSource(checkpoints[expert.name], expert.dtype)
             record = service.register(expert.name, source)
             logger.info("placement: %s packed into DDR (%d bytes)", expert.name, record.nbytes)
-        if self.settings is None and self.ready_at <= time.monotonic():
-            for name in self.pinned:
-                service.pin(name, HOST_DEVICE)
-            self.pinned = []
+        if self.settings is None:
+            if self.restarted:
+                # Replicas can reach this incarnation only from now on: the grace for
+                # their reports starts here, not before the (slow) repacking above.
+                self.ready_at = time.monotonic() + RESTART_GRACE_S
+            else:
+                for name in self.pinned:
+                    service.pin(name, HOST_DEVICE)
+                self.pinned = []
         self.settings = settings
 
     def _start(self, settings: CoEConfig) -> None:
         tiers = settings.tiers
         assert tiers.hbm_budget_bytes is not None  # the schema requires it when enabled
         path = arena_path(settings)
-        restarted = path.is_file() and path.stat().st_size == tiers.hbm_budget_bytes
+        self.restarted = path.is_file() and path.stat().st_size == tiers.hbm_budget_bytes
         spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
         self.service = PlacementService([spec], RayObjectStore(), tiers.eviction)
         self.slots = ActiveSlots(tiers.active_slots)
         self.pinned = list(tiers.pinned)
-        self.ready_at = time.monotonic() + (RESTART_GRACE_S if restarted else 0.0)
 
     def _tiers(self) -> Any:
         return self.settings.tiers if self.settings is not None else None
