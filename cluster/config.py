@@ -335,12 +335,16 @@ def resolve_path(path: str | Path) -> Path:
 def load_config(path: str | Path) -> CoEConfig:
     """Read and validate a YAML config file (safe_load only)."""
     resolved = resolve_path(path)
+    return parse_config(read_yaml(resolved, ConfigError, "config"), str(resolved))
+
+
+def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
+    """`yaml.safe_load` of a file; `error` names the file when it cannot be read or parsed."""
     try:
-        text = resolved.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read config {resolved}: {error.strerror}") from None
+        text = path.read_text(encoding="utf-8")
+    except OSError as problem:
+        raise error(f"cannot read {what} {path}: {problem.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{resolved} is not valid YAML: {error}") from None
-    return parse_config(data, str(resolved))
+        return yaml.safe_load(text)
+    except yaml.YAMLError as problem:
+        raise error(f"{path} is not valid YAML: {problem}") from None

@@ -114,8 +114,12 @@ class ExpertReplica:
             report = self.weights.report(self._in_use)
             if report is None or self.weights.bound is None:
                 continue
-            with contextlib.suppress(Exception):
+            try:
                 await self.placement.report.remote(report, self.weights.bound[0])
+            except RayActorError:
+                pass  # the service is restarting; the next report reaches the new one
+            except Exception as error:  # keep reporting, but let the failure be seen
+                logger.warning("residency report for %s failed: %s", report.expert, error)
 
     @contextlib.asynccontextmanager
     async def _leased(self) -> AsyncIterator[None]:

@@ -25,6 +25,7 @@ from cluster.config import CoEConfig, parse_config
 from cluster.ray_object_store import RayObjectStore
 from memory_tiers.arena import Region
 from memory_tiers.ddr import CheckpointSource
+from memory_tiers.errors import ArenaError, TierError
 from memory_tiers.hbm import Lease
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
@@ -143,7 +144,7 @@ class PlacementReplica:
     def _release_lease(self, lease: Lease) -> None:
         try:
             self._require().release(lease)
-        except Exception as error:  # an unknown lease after a restart is not fatal
+        except TierError as error:  # an unknown lease after a restart is not fatal
             logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
 
     async def prefetch(self, expert: str) -> bool:
@@ -174,7 +175,7 @@ class PlacementReplica:
         region = Region(report.offset, report.nbytes)
         try:
             held = self._require().arena(report.device).host_view(region)
-        except Exception:
+        except ArenaError:  # a region outside this arena holds nothing of the expert
             return False
         return bool(np.array_equal(held, expected))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import numpy as np
 from actors.checkpoint import Progress, validate_checkpoint
 from actors.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
+from memory_tiers.packing import checkpoint_nbytes
 from router.classifier import make_classifier
 from router.embedder import Embedder, make_embedder
 from router.features import TextClassifier, load_router_classifier
@@ -45,31 +44,12 @@ def prepare_checkpoints(config: CoEConfig, progress: Progress) -> dict[str, Path
     return checkpoints
 
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def weight_bytes(directory: Path, dtype: str) -> int:
-    """Bytes of an expert's weights at `dtype`, from the safetensors headers alone."""
-    elements = 0
-    for path in sorted(directory.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for size in entry["shape"]:
-                    count *= int(size)
-                elements += count
-    return elements * DTYPE_BYTES[dtype]
-
-
 def check_tier_budget(config: CoEConfig, checkpoints: dict[str, Path]) -> None:
     """Fail before anything starts when an expert can never fit the device budget."""
     tiers = config.tiers
     if not tiers.enabled or tiers.hbm_budget_bytes is None:
         return
-    sizes = {e.name: weight_bytes(checkpoints[e.name], e.dtype) for e in config.experts}
+    sizes = {e.name: checkpoint_nbytes(checkpoints[e.name], e.dtype) for e in config.experts}
     largest = max(sizes, key=lambda name: sizes[name])
     if sizes[largest] > tiers.hbm_budget_bytes:
         raise ConfigError(

@@ -51,6 +51,7 @@ def fetch_residency(address: str, app_name: str) -> tuple[dict[str, Any], dict[s
     """Ask a running cluster's placement service for its residency and metrics."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -62,7 +63,7 @@ def fetch_residency(address: str, app_name: str) -> tuple[dict[str, Any], dict[s
         handle = serve.get_deployment_handle("placement", app_name=app_name)
         residency = handle.residency.remote().result(timeout_s=30)
         metrics = handle.metrics.remote().result(timeout_s=30)
-    except Exception as error:
+    except RayServeException as error:
         raise ClusterUnavailable(
             f"application {app_name!r} has no placement service ({type(error).__name__}); "
             "is tiers.enabled set in its config?"

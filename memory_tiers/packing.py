@@ -263,15 +263,18 @@ def tensor_views(buffer: np.ndarray | torch.Tensor, index: TensorIndex) -> dict[
     return views
 
 
-def checkpoint_nbytes(directory: Path) -> int:
+def checkpoint_nbytes(directory: Path, dtype: str | None = None) -> int:
     """Bytes of tensor data in a safetensors checkpoint, read from the file headers only.
 
-    A lower bound of the packed size (which adds alignment and non-persistent buffers),
-    cheap enough to check a device budget against when the configuration loads.
+    With `dtype` (e.g. "float32"), the bytes the tensors take once cast to it, as
+    an expert served at that dtype packs them. A lower bound of the packed size
+    (which adds alignment and non-persistent buffers), cheap enough to check a
+    device budget against before anything loads.
     """
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{directory} has no *.safetensors files")
+    itemsize = None if dtype is None else torch_dtype(dtype).itemsize
     total = 0
     for file in files:
         with file.open("rb") as handle:
@@ -280,7 +283,11 @@ def checkpoint_nbytes(directory: Path) -> int:
                 raise ValueError(f"{file} is not a safetensors file (header {header_length} bytes)")
             header = json.loads(handle.read(header_length))
         for name, info in header.items():
-            if name != "__metadata__":
+            if name == "__metadata__":
+                continue
+            if itemsize is None:
                 start, end = info["data_offsets"]
                 total += int(end) - int(start)
+            else:
+                total += math.prod(int(size) for size in info["shape"]) * itemsize
     return total

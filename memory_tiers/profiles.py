@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.config import describe_pydantic_errors
+from cluster.config import describe_pydantic_errors, read_yaml
 
 GB = 1e9
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -184,15 +184,7 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
                 f"unknown profile {name_or_path!r}; shipped: {', '.join(available_profiles())} "
                 "(or give a path to a YAML file)"
             )
-    try:
-        text = candidate.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ProfileError(f"cannot read profile {candidate}: {error.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ProfileError(f"{candidate} is not valid YAML: {error}") from None
-    return parse_profile(data, str(candidate))
+    return parse_profile(read_yaml(candidate, ProfileError, "profile"), str(candidate))
 
 
 def write_profile(profile: HardwareProfile, path: str | Path, header: str = "") -> Path:

@@ -19,7 +19,7 @@ from actors.expert_server import ExpertServer
 from actors.synthetic import build_tiny_expert
 from actors.transformers_engine import TransformersEngine
 from cluster.config import CoEConfig, parse_config
-from cluster.setup_steps import weight_bytes
+from memory_tiers.packing import checkpoint_nbytes
 from tests.integration.conftest import RunningCluster
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def tiered(
 
     from cluster.app import build_app
 
-    size = weight_bytes(tiny_checkpoints[EXPERTS[0]], "float32")
+    size = checkpoint_nbytes(tiny_checkpoints[EXPERTS[0]], "float32")
     budget = int(size * 3.5)  # room for three experts, never four
     arena_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path_factory.mktemp("arena")
     config = tiny_config(tiny_checkpoints, budget, arena_dir)

@@ -46,7 +46,8 @@ def test_budget_smaller_than_an_expert_fails_at_load(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
     from cluster.config import ConfigError, parse_config
-    from cluster.setup_steps import check_tier_budget, weight_bytes
+    from cluster.setup_steps import check_tier_budget
+    from memory_tiers.packing import checkpoint_nbytes
     from tests.unit.test_config import demo_data
 
     for name, elements in (("small", 100), ("large", 1000)):
@@ -54,8 +55,8 @@ def test_budget_smaller_than_an_expert_fails_at_load(tmp_path: Path) -> None:
         save_file(
             {"w": np.zeros(elements, dtype=np.float32)}, str(tmp_path / name / "m.safetensors")
         )
-    assert weight_bytes(tmp_path / "large", "float32") == 4000
-    assert weight_bytes(tmp_path / "large", "bfloat16") == 2000
+    assert checkpoint_nbytes(tmp_path / "large", "float32") == 4000
+    assert checkpoint_nbytes(tmp_path / "large", "bfloat16") == 2000
     data = demo_data()
     data["tiers"] = {"enabled": True, "hbm_budget_bytes": 3000}
     config = parse_config(data)
