@@ -80,7 +80,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         placement = _versioned(placement_deployment).bind()
     experts = {}
     for expert in config.experts:
-        autoscaling = expert.autoscaling.model_dump(exclude_none=True)
+        autoscaling = expert.autoscaling.serve_config()
         deployment = ExpertDeployment.options(
             name=expert_deployment_name(expert.name),
             autoscaling_config=autoscaling,

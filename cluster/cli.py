@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from actors.checkpoint import CheckpointError
+from cluster.bench_commands import add_bench_commands
 from cluster.config import DEMO_SOURCES, ConfigError, load_config
 from cluster.router_commands import CommandInputError, add_router_commands
 from cluster.tier_commands import ClusterUnavailable, add_tier_commands
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_router_commands(commands)
     add_tier_commands(commands)
+    add_bench_commands(commands)
     return root
 
 

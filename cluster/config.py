@@ -48,6 +48,23 @@ class AutoscalingSettings(_Strict):
     downscale_delay_s: float = Field(
         300.0, ge=0, description="Seconds of low load before removing one."
     )
+    policy: Literal["default", "coe"] = Field(
+        "default",
+        description="'default' is Ray Serve's queue-length policy; 'coe' scales up at once when "
+        "requests queue (a new replica is a process start), down slowly, and parks or zeroes "
+        "an idle expert (see cluster/autoscaling.py).",
+    )
+    idle: Literal["park", "zero"] = Field(
+        "park",
+        description="With policy 'coe': 'park' keeps one replica (waking costs a weight switch), "
+        "'zero' removes the last replica after idle_s without requests (needs min_replicas 0).",
+    )
+    idle_s: float = Field(
+        300.0, ge=0, description="With policy 'coe' and idle 'zero': seconds idle before 1 -> 0."
+    )
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Seconds of request counts Serve averages (Serve's default: 30)."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:
@@ -61,7 +78,30 @@ class AutoscalingSettings(_Strict):
                 f"initial_replicas ({initial}) is outside "
                 f"[{self.min_replicas}, {self.max_replicas}]"
             )
+        if self.policy == "coe":
+            self.serve_config()  # a mode that disagrees with min_replicas fails here
         return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """The `autoscaling_config` Serve gets for this expert."""
+        from cluster.autoscaling import PolicySettings, serve_autoscaling_config
+
+        if self.policy == "default":
+            return self.model_dump(exclude_none=True, exclude={"policy", "idle", "idle_s"})
+        settings = PolicySettings(
+            idle_mode=self.idle,
+            idle_s=self.idle_s,
+            upscale_delay_s=self.upscale_delay_s,
+            downscale_delay_s=self.downscale_delay_s,
+        )
+        return serve_autoscaling_config(
+            settings,
+            max_replicas=self.max_replicas,
+            target_ongoing_requests=self.target_ongoing_requests,
+            min_replicas=self.min_replicas,
+            initial_replicas=self.initial_replicas,
+            look_back_period_s=self.look_back_period_s,
+        )
 
 
 class ActorOptions(_Strict):

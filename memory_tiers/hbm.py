@@ -130,6 +130,10 @@ class HBMCache:
     def is_resident(self, expert: str) -> bool:
         return expert in self._residents
 
+    def in_use(self) -> bool:
+        """Whether any resident is leased: then a release may yet make room."""
+        return any(r.leases for r in self._residents.values())
+
     def resident(self, expert: str) -> ResidentInfo | None:
         found = self._residents.get(expert)
         return found.info() if found else None

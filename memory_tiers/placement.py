@@ -39,6 +39,9 @@ from memory_tiers.packing import TensorIndex
 from memory_tiers.policies import POLICY_NAMES, make_policy
 from memory_tiers.switch import copy_into
 
+# How long a request waits for in-use experts to make room before it fails.
+ROOM_WAIT_S = 120.0
+
 
 @dataclass(frozen=True)
 class DeviceSpec:
@@ -85,6 +88,7 @@ class PlacementService:
         policy: str = "lru",
         *,
         clock: Callable[[], float] = time.monotonic,
+        room_wait_s: float = ROOM_WAIT_S,
     ) -> None:
         if policy not in POLICY_NAMES:
             raise TierConfigError(
@@ -100,6 +104,9 @@ class PlacementService:
         self.ddr = DDRStore(store)
         self._clock = clock
         self._lock = threading.Lock()
+        # Signalled whenever a lease ends or a switch is abandoned: room may have freed up.
+        self._room = threading.Condition(self._lock)
+        self.room_wait_s = room_wait_s
         self._specs = {spec.name: spec for spec in devices}
         self._caches = {
             spec.name: HBMCache(spec.name, spec.budget_bytes, make_policy(policy))
@@ -211,7 +218,7 @@ class PlacementService:
     def _acquire(self, expert: str, device: str, purpose: Purpose) -> Lease:
         cache, nbytes = self._usable(expert, device)
         with self._lock:
-            lease = cache.acquire(expert, nbytes, self._clock(), purpose=purpose)
+            lease = self._acquire_when_room(cache, expert, nbytes, purpose)
             key = (device, expert, lease.generation)
             if lease.needs_copy:
                 pending: threading.Event | None = threading.Event()
@@ -231,6 +238,24 @@ class PlacementService:
                     )
         return lease
 
+    def _acquire_when_room(
+        self, cache: HBMCache, expert: str, nbytes: int, purpose: Purpose
+    ) -> Lease:
+        """`cache.acquire`, waiting (lock released) while in-use experts fill the budget.
+
+        Every lease ends, so a request waits for room rather than failing; a prefetch
+        does not wait, and room blocked by pinned experts alone never comes.
+        """
+        deadline = time.monotonic() + self.room_wait_s
+        while True:
+            try:
+                return cache.acquire(expert, nbytes, self._clock(), purpose=purpose)
+            except BudgetExceeded:
+                remaining = deadline - time.monotonic()
+                if purpose != "request" or not cache.in_use() or remaining <= 0:
+                    raise
+                self._room.wait(remaining)
+
     def _switch_in(self, cache: HBMCache, lease: Lease) -> None:
         try:
             buffer, _ = self.ddr.get(lease.expert)
@@ -248,6 +273,7 @@ class PlacementService:
         with self._lock:
             if seconds is None:
                 cache.abort(lease)
+                self._room.notify_all()
             else:
                 cache.mark_ready(lease, seconds)
             pending = self._pending.pop((lease.device, lease.expert, lease.generation), None)
@@ -266,6 +292,7 @@ class PlacementService:
         cache = self._cache(lease.device)
         with self._lock:
             cache.release(lease)
+            self._room.notify_all()
 
     def prefetch(self, expert: str, device: str) -> bool:
         """Start switching ``expert`` in ahead of its request; True if a copy was made.

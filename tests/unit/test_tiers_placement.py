@@ -343,10 +343,7 @@ def test_concurrent_requests_never_see_bytes_overwritten_while_in_use() -> None:
         rng = random.Random(seed)
         for _ in range(40):
             name = rng.choice(experts)
-            try:
-                lease = service.acquire(name, "cpu0")
-            except BudgetExceeded:
-                continue  # every resident busy at this instant: the caller retries later
+            lease = service.acquire(name, "cpu0")  # waits while in-use experts fill the budget
             try:
                 if rng.random() < 0.3:
                     service.prefetch(rng.choice(experts), "cpu0")
@@ -364,3 +361,47 @@ def test_concurrent_requests_never_see_bytes_overwritten_while_in_use() -> None:
     device = service.metrics()["devices"]["cpu0"]
     assert device["evictions"] > 0 and device["used_bytes"] <= 3 * nbytes
     assert all(r.in_use == 0 for r in service.residency()["cpu0"].residents)
+
+
+def test_a_request_waits_for_an_in_use_expert_to_make_room() -> None:
+    nbytes = 64 << 10
+    service = _service(nbytes + 100)  # room for one expert, never two
+    service.register("a", _raw_source(1, nbytes))
+    service.register("b", _raw_source(2, nbytes))
+    held = service.acquire("a", "cpu0")
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(service.acquire("b", "cpu0")))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive() and not got  # 'a' is in use: 'b' waits, it does not fail
+    service.release(held)
+    waiter.join(timeout=30)
+    assert [lease.expert for lease in got] == ["b"]
+    assert service.residency()["cpu0"].to_dict()["residents"][0]["expert"] == "b"
+    service.release(got[0])
+
+
+def test_waiting_for_room_ends_with_a_clear_error() -> None:
+    nbytes = 64 << 10
+    service = _service(nbytes + 100, room_wait_s=0.2)
+    service.register("a", _raw_source(1, nbytes))
+    service.register("b", _raw_source(2, nbytes))
+    held = service.acquire("a", "cpu0")
+    with pytest.raises(BudgetExceeded, match=r"'b'.*in use or pinned: \['a'\]"):
+        service.acquire("b", "cpu0")
+    # A prefetch is a hint: it never waits.
+    assert service.prefetch("b", "cpu0") is False
+    service.release(held)
+    service.release(service.acquire("b", "cpu0"))
+
+
+def test_room_held_by_pinned_experts_alone_fails_at_once() -> None:
+    nbytes = 64 << 10
+    service = _service(nbytes + 100, room_wait_s=60.0)
+    service.register("a", _raw_source(1, nbytes))
+    service.register("b", _raw_source(2, nbytes))
+    service.pin("a", "cpu0")
+    started = time.monotonic()
+    with pytest.raises(BudgetExceeded):
+        service.acquire("b", "cpu0")
+    assert time.monotonic() - started < 30  # no wait for a release that cannot come
