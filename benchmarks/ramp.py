@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("target_ongoing_requests", args.target_ongoing),
                 ("upscale_delay_s", args.upscale_delay),
                 ("downscale_delay_s", args.downscale_delay),
-                ("look_back_period_s", 5.0),
+                ("look_back_period_s", 12.0),  # Serve wants it above its 10 s metrics interval
             ),
         )
         plan = workload.phased_open_loop(
