@@ -4,11 +4,12 @@
         --budget-b 35 --budget-b 50 --json OUT.json [--plot OUT.png]
 
 Each DIR is a dataset directory (see router/mmlu_pro.py). Everything is learned from
---train: the classifier, its temperature, the score tables and every routing setting
-(cost price, confidence threshold), the latter on cross-validated predictions over
---train (each train question predicted by a classifier that did not see it). Every
---test question is then routed once; routing a question to a model "answers" it with
-that model's recorded result, so the routed accuracy is exact.
+--train: the classifier, its temperature, the neighbour-vote mixture, the score tables
+and every routing setting (cost price, confidence threshold), the latter on
+cross-validated predictions over --train (each train question predicted by a
+classifier that did not see it). Every --test question is then routed once; routing a
+question to a model "answers" it with that model's recorded result, so the routed
+accuracy is exact.
 
 Routing modes (all reported under "modes"; --mode picks the one in "budgets"):
 - hard: the paper's rule, map from true train categories, argmax category -> expert.
@@ -16,11 +17,18 @@ Routing modes (all reported under "modes"; --mode picks the one in "budgets"):
   absorbs the router's confusion (an often-confused category gets a safer expert).
 - soft: argmax_e sum_c p(c|x) scores[c, e] - price * cost_e, the scores taken from
   cross-validated probabilities; the price is the smallest whose cost fits the budget.
+- soft-knn (default, the best of these in cross-validation on train): soft routing on
+  sharper category probabilities, the classifier's mixed with the votes of the nearest
+  training prompts by embedding and by TF-IDF (router/neighbour_votes.py; weights
+  chosen by cross-validated log loss). Its price and threshold are chosen on
+  cross-fitted rows: each fold routed with scores from the other folds only.
 Each mode may send prompts below a confidence threshold to the generalist (the best
 single model); the threshold is chosen on the cross-validated predictions.
 
 Budgets are met on validation with a margin of two standard errors of the mean cost
 for a test set of this size, so the measured test average stays within the budget.
+The cross-validated classifier predictions are cached under --cache-dir, keyed by a
+hash of the texts, vectors and settings, so a rerun on the same split skips them.
 """
 
 from __future__ import annotations
@@ -37,15 +45,32 @@ from typing import Any
 
 import numpy as np
 
-from router.classifier import make_classifier
+from router.budget_tuning import (
+    TunedRouting,
+    oracle_accuracy,
+    report_on_test,
+    score_table,
+    tune_cross_fitted_soft,
+    tune_mode,
+)
+from router.calibration import fit_power_temperature, power_softmax
+from router.category_evidence import (
+    NEIGHBOUR_KS,
+    class_label,
+    class_predictions,
+    neighbour_indexes,
+    parent,
+)
 from router.embedder import Embedder
 from router.features import TextClassifier
 from router.mmlu_pro import DatasetError, MMLUProData, load_dataset
-from router.optimiser import ScoreTable, quality_frontier
-from router.policy import HardRouting, SoftRouting, choose_experts, fit_cost_weight
+from router.neighbour_votes import VoteMixture, fit_vote_mixture
 
-MODES = ("hard", "hard-predicted", "soft")
-THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5)
+MODES = ("hard", "hard-predicted", "soft", "soft-knn")
+CLASSIFIER, MIXED = "classifier", "classifier+knn"
+# Which category probabilities each mode routes on.
+PROBABILITIES_OF = {"hard": CLASSIFIER, "hard-predicted": CLASSIFIER, "soft": CLASSIFIER}
+PROBABILITIES_OF["soft-knn"] = MIXED
 
 
 @dataclass(frozen=True)
@@ -53,152 +78,13 @@ class Settings:
     classifier: str = "text-logreg"
     folds: int = 5
     seed: int = 0
-    mode: str = "soft"
+    mode: str = "soft-knn"
     subcategories: bool = False  # learn category/source-family classes instead of categories
     margin_z: float = 2.0
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def class_label(category: str, src: str, subcategories: bool) -> str:
-    if not subcategories:
-        return category
-    family = src.split("-")[0]
-    return f"{category}/{'mmlu' if family == 'ori_mmlu' else family}"
-
-
-def parent(label: str) -> str:
-    return label.split("/")[0]
-
-
-def fit_predict(
-    settings: Settings,
-    train_texts: list[str],
-    train_vectors: np.ndarray,
-    labels: list[str],
-    texts: list[str],
-    vectors: np.ndarray,
-) -> tuple[list[str], np.ndarray]:
-    """(classes, log-probabilities of `texts`) from a classifier fitted on the train rows."""
-    if settings.classifier == TextClassifier.kind:
-        text_model = TextClassifier(seed=settings.seed).fit(train_texts, train_vectors, labels)
-        probabilities = text_model.predict_proba_texts(texts, vectors)
-        classes = text_model.categories
-    else:
-        model = make_classifier(settings.classifier).fit(train_vectors, labels)
-        probabilities, classes = model.predict_proba(vectors), model.categories
-    return classes, np.log(np.clip(probabilities, 1e-12, None))
-
-
-def power_softmax(log_probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    scaled = log_probabilities / temperature
-    scaled = scaled - scaled.max(axis=1, keepdims=True)
-    weights = np.exp(scaled)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def fit_power_temperature(log_probabilities: np.ndarray, targets: np.ndarray) -> float:
-    from scipy.optimize import minimize_scalar
-
-    def loss(log_t: float) -> float:
-        p = power_softmax(log_probabilities, float(np.exp(log_t)))
-        return float(-np.log(np.clip(p[np.arange(len(targets)), targets], 1e-12, None)).mean())
-
-    return float(np.exp(minimize_scalar(loss, bounds=(-5.0, 5.0), method="bounded").x))
-
-
-def score_table(
-    weights: np.ndarray, data: MMLUProData, classes: Sequence[str], experts: Sequence[str]
-) -> ScoreTable:
-    """Scores and frequencies from per-question class weights (one-hot or probabilities)."""
-    columns = [data.experts.index(e) for e in experts]
-    mass = weights.sum(axis=0)
-    scores = (weights.T @ data.correctness[:, columns]) / np.maximum(mass, 1e-12)[:, None]
-    costs = data.active_params_b[columns]
-    return ScoreTable(tuple(classes), tuple(experts), scores, costs, mass / mass.sum())
-
-
-def routed_outcome(data: MMLUProData, experts: Sequence[str]) -> tuple[float, float, float]:
-    """(accuracy, mean active params, standard deviation of the active params) of a routing."""
-    columns = np.array([data.experts.index(e) for e in experts])
-    accuracy = float(data.correctness[np.arange(len(data)), columns].mean())
-    costs = data.active_params_b[columns]
-    return accuracy, float(costs.mean()), float(costs.std())
-
-
-@dataclass(frozen=True)
-class TunedRouting:
-    routing: HardRouting | SoftRouting
-    threshold: float
-    validation_accuracy: float
-    validation_cost_b: float
-    validation_cost_std_b: float
-
-
-def tune_mode(
-    mode: str,
-    budget_b: float,
-    validation: MMLUProData,
-    probabilities: np.ndarray,
-    classes: list[str],
-    tables: dict[str, ScoreTable],
-    generalist: str,
-) -> TunedRouting | None:
-    """The best routing of `mode` on validation rows whose measured cost fits budget_b."""
-    best: TunedRouting | None = None
-    for threshold in THRESHOLDS:
-        candidate = _tune_one(
-            mode, budget_b, validation, probabilities, classes, tables, generalist, threshold
-        )
-        if candidate and (best is None or candidate.validation_accuracy > best.validation_accuracy):
-            best = candidate
-    return best
-
-
-def _tune_one(
-    mode: str,
-    budget_b: float,
-    validation: MMLUProData,
-    probabilities: np.ndarray,
-    classes: list[str],
-    tables: dict[str, ScoreTable],
-    generalist: str,
-    threshold: float,
-) -> TunedRouting | None:
-    def measured(routing: HardRouting | SoftRouting) -> TunedRouting:
-        experts, _ = choose_experts(probabilities, classes, routing)
-        return TunedRouting(routing, threshold, *routed_outcome(validation, experts))
-
-    if mode == "soft":
-        table = tables["soft"]
-        try:
-            fitted = fit_cost_weight(
-                probabilities,
-                classes,
-                table,
-                budget_b,
-                generalist,
-                threshold,
-                allowed_experts=_sized(table),
-            )
-        except ValueError:  # InfeasibleBudget included: the fallback alone costs too much
-            return None
-        return measured(fitted.routing)
-    table = tables["true" if mode == "hard" else "soft"]
-    fitting = None
-    # The frontier is sorted by cost and its quality rises with cost: keep the last map
-    # whose measured cost, fallbacks included, fits the budget.
-    for choice in quality_frontier(table):
-        result = measured(HardRouting(choice.assignment, generalist, threshold))
-        if result.validation_cost_b <= budget_b:
-            fitting = result
-    return fitting
-
-
-def _sized(table: ScoreTable) -> tuple[str, ...]:
-    return tuple(e for e, c in zip(table.experts, table.costs_b, strict=True) if not np.isnan(c))
 
 
 def check_compatible(train: MMLUProData, test: MMLUProData) -> None:
@@ -222,48 +108,53 @@ def run_benchmark(
     embedder: Embedder,
     settings: Settings = Settings(),
     progress: Callable[[str], None] = log,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     check_compatible(train, test)
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown mode {settings.mode!r}; choose one of {list(MODES)}")
     started = time.perf_counter()
     train_texts, test_texts = train.prompts(), test.prompts()
     progress(f"embedding {len(train_texts)} + {len(test_texts)} prompts")
     train_vectors, test_vectors = embedder.embed(train_texts), embedder.embed(test_texts)
     embed_s = time.perf_counter() - started
     labels = [class_label(q.category, q.src, settings.subcategories) for q in train.questions]
-    classes = sorted(set(labels))
-    targets = np.array([classes.index(label) for label in labels])
-    # Cross-validated predictions: each train row predicted by a model that never saw it.
-    folds = min(settings.folds, min(np.bincount(targets)))
-    folds = max(folds, 2)
-    out_of_fold = np.zeros((len(train), len(classes)))
-    fold_of = np.zeros(len(train), dtype=np.int64)
-    for index in range(len(classes)):  # stratified: every class spread over the folds
-        rows = np.flatnonzero(targets == index)
-        permuted = np.random.default_rng(settings.seed + index).permutation(rows)
-        fold_of[permuted] = np.arange(len(rows)) % folds
-    for fold in range(folds):
-        held = np.flatnonzero(fold_of == fold)
-        kept = np.flatnonzero(fold_of != fold)
-        progress(f"cross-validation fold {fold + 1}/{folds}")
-        fold_classes, logp = fit_predict(
-            settings,
-            [train_texts[i] for i in kept],
-            train_vectors[kept],
-            [labels[i] for i in kept],
-            [train_texts[i] for i in held],
-            train_vectors[held],
-        )
-        columns = np.array([classes.index(c) for c in fold_classes], dtype=np.int64)
-        out_of_fold[held] = np.log(1e-12)
-        out_of_fold[np.ix_(held, columns)] = logp
-    temperature = fit_power_temperature(out_of_fold, targets)
-    validation_p = power_softmax(out_of_fold, temperature)
-    progress("fitting the final classifier on all of --train")
-    _, test_logp = fit_predict(
-        settings, train_texts, train_vectors, labels, test_texts, test_vectors
+    test_labels = [class_label(q.category, q.src, settings.subcategories) for q in test.questions]
+    predictions, cached = class_predictions(
+        settings.classifier,
+        settings.folds,
+        settings.seed,
+        train_texts,
+        train_vectors,
+        labels,
+        test_texts,
+        test_vectors,
+        cache_dir,
+        progress,
     )
-    test_p = power_softmax(test_logp, temperature)
+    classes, fold_of = predictions.classes, predictions.fold_of
+    targets = np.array([classes.index(label) for label in labels])
+    temperature = fit_power_temperature(predictions.validation_log_p, targets)
     classify_s = time.perf_counter() - started - embed_s
+
+    progress("nearest-neighbour votes and their mixture with the classifier")
+    train_indexes, test_indexes = neighbour_indexes(
+        train_texts, train_vectors, test_texts, test_vectors
+    )
+    mixture = fit_vote_mixture(
+        predictions.validation_log_p, train_indexes, targets, ks=NEIGHBOUR_KS
+    )
+    probabilities = {
+        CLASSIFIER: (
+            power_softmax(predictions.validation_log_p, temperature),
+            power_softmax(predictions.test_log_p, temperature),
+        ),
+        MIXED: (
+            mixture.probabilities(predictions.validation_log_p, train_indexes, targets),
+            mixture.probabilities(predictions.test_log_p, test_indexes, targets),
+        ),
+    }
+    neighbours_s = time.perf_counter() - started - embed_s - classify_s
 
     sized = [e for e, c in zip(train.experts, train.active_params_b, strict=True) if c == c]
     train_accuracy = train.correctness.mean(axis=0)
@@ -273,10 +164,17 @@ def run_benchmark(
     best_cost = float(train.active_params_b[best_index])
     tables = {
         "true": score_table(np.eye(len(classes))[targets], train, classes, sized),
-        "soft": score_table(validation_p, train, classes, sized),
+        "soft": score_table(probabilities[CLASSIFIER][0], train, classes, sized),
+        "soft-knn": score_table(probabilities[MIXED][0], train, classes, sized),
     }
-    true_test = np.array([parent(classes[i]) for i in test_p.argmax(axis=1)])
-    router_accuracy = float(np.mean(true_test == np.array(test.categories)))
+
+    def tuned_at(mode: str, budget_b: float) -> TunedRouting | None:
+        validation_p = probabilities[PROBABILITIES_OF[mode]][0]
+        if mode == "soft-knn":
+            return tune_cross_fitted_soft(
+                budget_b, train, validation_p, classes, tables[mode], fold_of, best_single
+            )
+        return tune_mode(mode, budget_b, train, validation_p, classes, tables, best_single)
 
     modes: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     entries = []
@@ -286,29 +184,42 @@ def run_benchmark(
             for mode in MODES:
                 # Two passes: the first measures how much routed costs vary per question,
                 # the second aims below the budget by z standard errors of a test mean.
-                first = tune_mode(mode, budget, train, validation_p, classes, tables, best_single)
+                first = tuned_at(mode, budget)
                 tuned, target = first, None
                 if first is not None:
                     margin = settings.margin_z * first.validation_cost_std_b / np.sqrt(len(test))
                     target = budget - margin
-                    tuned = tune_mode(
-                        mode, target, train, validation_p, classes, tables, best_single
-                    )
-                modes[mode].append(_evaluate(budget, target, tuned, test, test_p, classes))
+                    tuned = tuned_at(mode, target)
+                test_p = probabilities[PROBABILITIES_OF[mode]][1]
+                modes[mode].append(report_on_test(budget, target, tuned, test, test_p, classes))
         entry = dict(next(m for m in modes[settings.mode] if m["budget_b"] == budget))
-        entry["category_oracle_accuracy"] = _oracle_at(
-            budget, tables["true"], test, settings, best_single
+        entry["category_oracle_accuracy"] = oracle_accuracy(
+            budget, tables["true"], test, test_labels, best_single
         )
         entries.append(entry)
         progress(f"budget {budget}B: {entry}")
 
+    def category_accuracy(p: np.ndarray, truth: Sequence[str]) -> float:
+        return float(
+            np.mean(
+                [
+                    parent(classes[i]) == parent(t)
+                    for i, t in zip(p.argmax(axis=1), truth, strict=True)
+                ]
+            )
+        )
+
+    test_truth, train_truth = test.categories, [parent(label) for label in labels]
+    reported = PROBABILITIES_OF[settings.mode]
     return {
-        "router_accuracy": router_accuracy,
+        "router_accuracy": category_accuracy(probabilities[reported][1], test_truth),
         "budgets": entries,
         "best_single_model": best_single,
         "best_single_accuracy": test_best,
         "best_single_active_params_b": best_cost,
-        "category_oracle_accuracy": _oracle_at(None, tables["true"], test, settings, best_single),
+        "category_oracle_accuracy": oracle_accuracy(
+            None, tables["true"], test, test_labels, best_single
+        ),
         "question_oracle_accuracy": float(
             test.correctness[:, [test.experts.index(e) for e in sized]].max(axis=1).mean()
         ),
@@ -317,75 +228,41 @@ def run_benchmark(
         ),
         "mode": settings.mode,
         "modes": modes,
+        "router_probabilities": reported,
+        "router_accuracy_by_probabilities": {
+            name: category_accuracy(pair[1], test_truth) for name, pair in probabilities.items()
+        },
+        "validation_router_accuracy_by_probabilities": {
+            name: category_accuracy(pair[0], train_truth) for name, pair in probabilities.items()
+        },
         "classifier": settings.classifier,
         "subcategories": settings.subcategories,
         "classes": len(classes),
         "temperature": temperature,
-        "validation_router_accuracy": float(
-            np.mean(
-                [
-                    parent(classes[i]) == parent(labels[r])
-                    for r, i in enumerate(validation_p.argmax(axis=1))
-                ]
-            )
-        ),
+        "neighbour_mixture": _mixture_json(mixture),
+        "validation_router_accuracy": category_accuracy(probabilities[reported][0], train_truth),
         "train_questions": len(train),
         "test_questions": len(test),
+        "folds": len(np.unique(fold_of)),
+        "class_predictions_cached": cached,
         "seconds": {
             "embed": embed_s,
             "classify": classify_s,
+            "neighbours": neighbours_s,
             "total": time.perf_counter() - started,
         },
     }
 
 
-def _evaluate(
-    budget: float,
-    target: float | None,
-    tuned: TunedRouting | None,
-    test: MMLUProData,
-    test_p: np.ndarray,
-    classes: list[str],
-) -> dict[str, Any]:
-    if tuned is None:
-        return {"budget_b": budget, "feasible": False}
-    experts, fallback = choose_experts(test_p, classes, tuned.routing)
-    accuracy, cost, _ = routed_outcome(test, experts)
+def _mixture_json(mixture: VoteMixture) -> dict[str, Any]:
     return {
-        "budget_b": budget,
-        "accuracy": accuracy,
-        "avg_active_params_b": cost,
-        "experts_used": sorted(set(experts)),
-        "within_budget": cost <= budget,
-        "fallback_rate": float(fallback.mean()),
-        "confidence_threshold": tuned.threshold,
-        "cost_target_b": None if target is None else float(target),
-        "validation_accuracy": tuned.validation_accuracy,
-        "validation_avg_active_params_b": tuned.validation_cost_b,
-        **(
-            {"cost_weight": tuned.routing.cost_weight}
-            if isinstance(tuned.routing, SoftRouting)
-            else {}
-        ),
+        "classifier_weight": mixture.classifier_weight,
+        "embedding_vote_weight": mixture.vote_weights[0],
+        "tfidf_vote_weight": mixture.vote_weights[1],
+        "k": mixture.k,
+        "sharpness": mixture.sharpness,
+        "temperature": mixture.temperature,
     }
-
-
-def _oracle_at(
-    budget: float | None,
-    table: ScoreTable,
-    test: MMLUProData,
-    settings: Settings,
-    generalist: str,
-) -> float:
-    """Accuracy with perfect (true) labels and the best map from train within the budget."""
-    frontier = quality_frontier(table)
-    fitting = [c for c in frontier if budget is None or c.avg_active_params_b <= budget]
-    if not fitting:
-        return float("nan")
-    assignment = fitting[-1].assignment
-    labels = [class_label(q.category, q.src, settings.subcategories) for q in test.questions]
-    experts = [assignment.get(label, generalist) for label in labels]
-    return routed_outcome(test, experts)[0]
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -417,7 +294,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for marker, (mode, entries) in zip("os^", result["modes"].items(), strict=False):
+    for marker, (mode, entries) in zip("os^Dv", result["modes"].items(), strict=False):
         points = [(e["avg_active_params_b"], e["accuracy"]) for e in entries if "accuracy" in e]
         if points:
             xs, ys = zip(*points, strict=True)
@@ -480,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=Settings.folds)
     parser.add_argument("--seed", type=int, default=Settings.seed)
     parser.add_argument(
-        "--cache-dir", type=Path, help="embedding cache (default $COE_CACHE_DIR or ~/.cache/coe)"
+        "--cache-dir",
+        type=Path,
+        help="cache of embeddings and class predictions (default $COE_CACHE_DIR or ~/.cache/coe)",
+    )
+    parser.add_argument(
+        "--no-prediction-cache",
+        action="store_true",
+        help="always refit the cross-validated classifiers (embeddings stay cached)",
     )
     args = parser.parse_args(argv)
     if args.folds < 2:
@@ -493,12 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from router.embed_cache import CachedEmbedder
+    from router.embed_cache import CachedEmbedder, default_cache_dir
     from router.embedder import MiniLMEmbedder
 
     embedder = CachedEmbedder(MiniLMEmbedder(), args.cache_dir)
     settings = Settings(args.classifier, args.folds, args.seed, args.mode, args.subcategories)
-    result = run_benchmark(train, test, args.budget_b, embedder, settings)
+    cache_dir = None if args.no_prediction_cache else (args.cache_dir or default_cache_dir())
+    result = run_benchmark(train, test, args.budget_b, embedder, settings, cache_dir=cache_dir)
     result["embedding_cache"] = {"hits": embedder.hits, "misses": embedder.misses}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

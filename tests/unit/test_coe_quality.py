@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.coe_quality import Settings, main, run_benchmark
+from benchmarks.coe_quality import MODES, Settings, main, run_benchmark
 from router.embed_cache import CachedEmbedder
 from router.mmlu_pro import DatasetError, load_dataset, split_dataset, write_dataset
 from tests.unit.fakes import KeywordEmbedder
@@ -176,3 +176,33 @@ def test_embedding_cache_reuses_vectors_by_content(tmp_path: Path) -> None:
     other.embed(["a sum"])
     assert other.misses == 1  # a different model never reads these vectors
     assert not math.isnan(float(first.sum()))
+
+
+def test_default_mode_is_soft_knn_and_reruns_read_cached_predictions(
+    split_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, test = (load_dataset(d) for d in split_dirs)
+    settings = Settings(classifier="logreg", folds=3)
+    first = run_benchmark(
+        train, test, [40.0], EMBEDDER, settings, progress=lambda _: None, cache_dir=tmp_path
+    )
+    assert first["mode"] == "soft-knn" and set(first["modes"]) == set(MODES)
+    assert first["budgets"][0]["accuracy"] == first["modes"]["soft-knn"][0]["accuracy"]
+    assert first["router_probabilities"] == "classifier+knn"
+    assert first["router_accuracy"] == first["router_accuracy_by_probabilities"]["classifier+knn"]
+    mixture = first["neighbour_mixture"]
+    assert mixture["classifier_weight"] + mixture["embedding_vote_weight"] + mixture[
+        "tfidf_vote_weight"
+    ] == pytest.approx(1.0)
+    assert not first["class_predictions_cached"]
+    again = run_benchmark(
+        train, test, [40.0], EMBEDDER, settings, progress=lambda _: None, cache_dir=tmp_path
+    )
+    assert again["class_predictions_cached"]
+    assert again["modes"] == first["modes"]  # the cache changes nothing but the time
+
+
+def test_unknown_mode_is_rejected(split_dirs: tuple[Path, Path]) -> None:
+    train, test = (load_dataset(d) for d in split_dirs)
+    with pytest.raises(ValueError, match="unknown mode 'fancy'"):
+        run_benchmark(train, test, [40.0], EMBEDDER, Settings(mode="fancy"), lambda _: None)
