@@ -1,7 +1,8 @@
 """Route latency and throughput of the two-step router, next to the embedder alone.
 
     .venv/bin/python -m benchmarks.router_latency --json out/router_latency.json \\
-        [--prompts FILE.jsonl ...] [--classifier DIR] [--mode hard|soft]
+        [--embedder NAME] [--classifier-kind text-logreg|logreg] [--classifier DIR] \\
+        [--prompts FILE.jsonl ...] [--mode hard|soft]
 
 Runs in-process and warm. Single-prompt latency: for a sample of real prompts drawn
 evenly from every prompt file, `embedder.embed([p])` and `router.route(p)` (embed +
@@ -20,8 +21,11 @@ The classify + map step is also timed alone (the same router over vectors embedd
 beforehand), which gives the router's own overhead free of the embedder's timing noise:
 `router_own_overhead_pct`. On a busy machine, --threads 1 keeps torch from thrashing.
 
-Without --classifier a logistic-regression classifier is trained on a stratified
-sample of the MMLU-Pro questions (embeddings cached on disk by content hash).
+Without --classifier a classifier of --classifier-kind (default text-logreg, the
+router's: TF-IDF n-grams + embedding) is trained on a stratified sample of the MMLU-Pro
+questions (embeddings cached on disk by content hash). --embedder picks any name
+`router.embedder.make_embedder` knows (the full MiniLM, its truncated / int8 variants,
+the static table distilled from it); the time to load or build it is reported too.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from router.embedder import Embedder
+from router.embedder import KNOWN_EMBEDDERS, Embedder, MiniLMEmbedder, is_known_embedder
 from router.jsonl import json_objects
 from router.mapping import CategoryMap
 from router.optimiser import ScoreTable, optimise_map, score_table_from_correctness
@@ -51,6 +55,8 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 DEFAULT_PROMPTS_DIR = SHARED_DATA / "prompts"
 DEFAULT_MMLU_PRO = SHARED_DATA / "mmlu_pro"
 GENERALIST = "generalist"
+DEFAULT_EMBEDDER = MiniLMEmbedder.name
+CLASSIFIER_KINDS = ("text-logreg", "logreg")
 # Soft mode's price per billion active parameters; its value does not change the timing.
 SOFT_COST_WEIGHT = 0.001
 
@@ -103,10 +109,11 @@ def round_robin(per_file: dict[str, list[str]], limit: int, seed: int) -> list[t
 
 
 def train_default_classifier(
-    embedder: Embedder, mmlu_pro: Path, per_category: int, seed: int
+    embedder: Embedder, mmlu_pro: Path, per_category: int, seed: int, kind: str = "text-logreg"
 ) -> Any:
-    """Logistic regression on a stratified sample of MMLU-Pro questions."""
+    """A `kind` classifier trained on a stratified sample of MMLU-Pro questions."""
     from router.embed_cache import CachedEmbedder
+    from router.features import TextClassifier
     from router.mmlu_pro import load_dataset
     from router.training import train_classifier
 
@@ -119,9 +126,12 @@ def train_default_classifier(
         rows.extend(rng.permutation(members)[:per_category].tolist())
     rows.sort()
     texts = data.prompts()
-    say(f"training logreg on {len(rows)} MMLU-Pro questions (embeddings cached on disk)")
-    vectors = CachedEmbedder(embedder).embed([texts[i] for i in rows])
-    return train_classifier("logreg", vectors, [labels[i] for i in rows], seed=seed)
+    say(f"training {kind} on {len(rows)} MMLU-Pro questions (embeddings cached on disk)")
+    chosen = [texts[i] for i in rows]
+    vectors = CachedEmbedder(embedder).embed(chosen)
+    if kind == TextClassifier.kind:
+        return TextClassifier(seed=seed).fit(chosen, vectors, [labels[i] for i in rows])
+    return train_classifier(kind, vectors, [labels[i] for i in rows], seed=seed)
 
 
 def mmlu_pro_table(mmlu_pro: Path) -> ScoreTable | None:
@@ -235,13 +245,20 @@ def classify_and_map_cost(
     say(f"embedding {len(set(texts))} prompts once to time classify + map alone")
     own = copy.copy(router)
     own.embedder = PrecomputedEmbedder(texts, embedder)
-    single_ms = []
+    single_ms, classify_ms = [], []
     for _name, prompt in sample:
         start = time.perf_counter()
         own.route(prompt)
-        single_ms.append((time.perf_counter() - start) * 1000)
+        middle = time.perf_counter()
+        own.probabilities([prompt])  # the classifier alone: lookup + features + logits
+        classify_ms.append((time.perf_counter() - middle) * 1000)
+        single_ms.append((middle - start) * 1000)
     rate = time_batches(batch, batch_size, repeats, {"classify+map": own.route_batch})
-    return {"p50_ms": percentile(single_ms, 50), "prompts_per_s": rate["classify+map"]}
+    return {
+        "p50_ms": percentile(single_ms, 50),
+        "classify_p50_ms": percentile(classify_ms, 50),
+        "prompts_per_s": rate["classify+map"],
+    }
 
 
 def run(
@@ -283,6 +300,7 @@ def run(
         "router_overhead_pct": round(100 * (route_p50 / embed_p50 - 1), 2),
         "router_batch_overhead_pct": round(100 * (embed_rate / route_rate - 1), 2),
         "classify_map_p50_ms": round(own["p50_ms"], 4),
+        "classify_p50_ms": round(own["classify_p50_ms"], 4),
         "classify_map_batch_prompts_per_s": round(own["prompts_per_s"], 1),
         # Classify + map alone against the embedder: immune to noise in the embedder timings.
         "router_own_overhead_pct": round(100 * own["p50_ms"] / embed_p50, 2),
@@ -312,7 +330,8 @@ def print_table(results: dict[str, Any], mode: str) -> None:
     )
     own, own_batched = results["router_own_overhead_pct"], results["router_own_batch_overhead_pct"]
     print(
-        f"classify + map alone: {results['classify_map_p50_ms']:.3f} ms p50 = {own:.2f}% of the "
+        f"classify + map alone: {results['classify_map_p50_ms']:.3f} ms p50 "
+        f"(classifier {results['classify_p50_ms']:.3f} ms) = {own:.2f}% of the "
         f"embedder single, {own_batched:.2f}% batched"
     )
 
@@ -330,9 +349,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="JSONL files with a prompt or question field (default: all of ../shared/data/prompts)",
     )
     parser.add_argument(
+        "--embedder",
+        default=DEFAULT_EMBEDDER,
+        help=f"embedder name (default {DEFAULT_EMBEDDER}; known: {', '.join(KNOWN_EMBEDDERS)}, "
+        "or any all-MiniLM-L6-v2[-int8][-seqN])",
+    )
+    parser.add_argument(
         "--classifier",
         type=Path,
-        help="a saved classifier directory (default: train logreg on MMLU-Pro)",
+        help="a saved classifier directory (default: train --classifier-kind on MMLU-Pro)",
+    )
+    parser.add_argument(
+        "--classifier-kind",
+        choices=CLASSIFIER_KINDS,
+        default=CLASSIFIER_KINDS[0],
+        help="kind trained when no --classifier is given",
     )
     parser.add_argument("--mode", choices=ROUTING_MODES, default="hard", help="second routing step")
     parser.add_argument(
@@ -372,6 +403,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.max_seq_length is not None and args.max_seq_length < 8:
         parser.error(f"--max-seq-length must be >= 8, got {args.max_seq_length}")
+    if not is_known_embedder(args.embedder):
+        parser.error(f"unknown --embedder {args.embedder!r}; known: {', '.join(KNOWN_EMBEDDERS)}")
     if args.budget_b < 0:
         parser.error(f"--budget-b must be >= 0, got {args.budget_b}")
     try:
@@ -390,11 +423,14 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    load_s = None
     if embedder is None:
-        from router.embedder import MiniLMEmbedder
+        from router.embedder import make_embedder
 
-        say("loading the MiniLM embedder")
-        embedder = MiniLMEmbedder()
+        say(f"loading the {args.embedder} embedder")
+        started = time.perf_counter()
+        embedder = make_embedder(args.embedder)
+        load_s = round(time.perf_counter() - started, 2)
     model = getattr(embedder, "model", None)
     if args.max_seq_length is not None:
         if model is None or not hasattr(model, "max_seq_length"):
@@ -408,7 +444,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
         classifier: Any = load_classifier(args.classifier)
     else:
         classifier = train_default_classifier(
-            embedder, args.mmlu_pro, args.train_per_category, args.seed
+            embedder, args.mmlu_pro, args.train_per_category, args.seed, args.classifier_kind
         )
     router = build_router(
         embedder, classifier, args.mode, mmlu_pro_table(args.mmlu_pro), args.budget_b
@@ -438,6 +474,9 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
         "max_seq_length": getattr(model, "max_seq_length", None),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "embedder": getattr(embedder, "name", type(embedder).__name__),
+        # Loading (or, the first time, distilling) the embedder, in this run.
+        "embedder_load_s": load_s,
+        "embedder_build_s": getattr(embedder, "metadata", {}).get("build_seconds"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -224,13 +224,13 @@ class HandleBackend:
 
     async def route(self, prompt: str) -> RouteDecision:
         decision: RouteDecision = await self.router.route.remote(prompt)
+        if self.placement is not None:
+            self._prefetch(decision.expert)
         return decision
 
     def _prefetch(self, expert: str) -> None:
-        """Fire-and-forget: start the switch while the request waits for its replica
-        (routed or named, every request is a hint of what is needed next)."""
-        if self.placement is None:
-            return
+        """Fire-and-forget: start the switch while the request waits for its replica."""
+        assert self.placement is not None
         hint = asyncio.ensure_future(self.placement.prefetch.remote(expert))
         self._hints.add(hint)
         hint.add_done_callback(self._hint_done)
@@ -241,12 +241,10 @@ class HandleBackend:
             logger.warning("prefetch hint failed: %s", hint.exception())
 
     async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
-        self._prefetch(expert)
         result: GenerationResult = await self.experts[expert].generate.remote(request)
         return result
 
     async def stream(self, expert: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        self._prefetch(expert)
         handle = self.experts[expert].options(stream=True)
         chunks = cast(DeploymentResponseGenerator, handle.stream.remote(request))
         async for chunk in chunks:

@@ -11,6 +11,7 @@ import pytest
 from benchmarks import router_latency
 from router.classifier import CentroidClassifier
 from tests.unit.fakes import KeywordEmbedder
+from tests.unit.test_mmlu_pro import write_synthetic_dataset
 
 EMBEDDER = KeywordEmbedder(["sum", "python", "poem"])
 KEYS = {
@@ -159,3 +160,37 @@ def test_max_seq_length_needs_a_real_model(tmp_path: Path, prompt_files: list[Pa
     argv = ["--json", str(tmp_path / "o.json"), "--prompts", str(prompt_files[0])]
     with pytest.raises(ValueError, match="sentence-transformers model"):
         run_main([*argv, "--max-seq-length", "64"], tmp_path)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("text-logreg", "soft"), ("logreg", "hard")])
+def test_default_classifier_is_trained_on_mmlu_pro(
+    tmp_path: Path,
+    prompt_files: list[Path],
+    kind: str,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path / "cache"))  # the embedding cache
+    dataset = tmp_path / "mmlu"
+    write_synthetic_dataset(dataset, per_topic=12)
+    out = tmp_path / "latency.json"
+    argv = ["--json", str(out), "--prompts", str(prompt_files[0]), "--mmlu-pro", str(dataset)]
+    argv += ["--classifier-kind", kind, "--mode", mode, "--train-per-category", "8"]
+    argv += ["--single", "6", "--batch-prompts", "8", "--batch-size", "4", "--repeats", "1"]
+    assert router_latency.main(argv, embedder=KeywordEmbedder(["sum", "tort", "cell"])) == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["classifier"] == kind
+    assert results["settings"]["categories"] == 3
+    assert results["settings"]["mode"] == mode
+    assert results["settings"]["embedder_load_s"] is None  # the embedder was given
+    assert results["classify_p50_ms"] > 0 and results["classify_map_p50_ms"] > 0
+
+
+def test_unknown_embedder_is_named(
+    tmp_path: Path, prompt_files: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--json", str(tmp_path / "o.json"), "--prompts", str(prompt_files[0])]
+    with pytest.raises(SystemExit) as exit_info:
+        router_latency.main([*argv, "--embedder", "word2vec"])
+    assert exit_info.value.code == 2
+    assert "unknown --embedder 'word2vec'" in capsys.readouterr().err
