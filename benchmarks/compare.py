@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import driver, plots, stats, workload
+from benchmarks.startup import free_port
 from benchmarks.systems import SYSTEMS, Scenario, demo_scenario, running, serve_instance
 
 
@@ -79,14 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return args
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def warm_up(scenario: Scenario, base_url: str, max_tokens: int) -> None:
