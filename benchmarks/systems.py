@@ -220,6 +220,8 @@ class RunningSystem:
             ddr = placement.metrics.remote().result(timeout_s=30)["ddr"]
             self._object_store_bytes = int(ddr["bytes"])
         self._started = time.monotonic()
+        # A first sample now, so a run shorter than the interval still has a timeline.
+        self._record_sample()
         self._sampler = threading.Thread(target=self._sample_forever, daemon=True)
         self._sampler.start()
 
@@ -229,10 +231,13 @@ class RunningSystem:
 
     def _sample_forever(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_S):
-            try:
-                self.timeline.samples.append(self.sample())
-            except Exception as error:  # a missed sample must not end the run
-                logging.getLogger(__name__).warning("sample failed: %s", error)
+            self._record_sample()
+
+    def _record_sample(self) -> None:
+        try:
+            self.timeline.samples.append(self.sample())
+        except Exception as error:  # a missed sample must not end the run
+            logging.getLogger(__name__).warning("sample failed: %s", error)
 
     def sample(self) -> dict[str, Any]:
         from ray import serve
@@ -269,6 +274,9 @@ class RunningSystem:
     def stats(self, requests: int) -> dict[str, Any]:
         """Switches, HBM hit rate and memory; call before `stop`."""
         from ray import serve
+
+        # A last sample, so the peaks include the state at the end of the run.
+        self._record_sample()
 
         scenario = self.scenario
         if self.name == "resident":
