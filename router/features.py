@@ -13,6 +13,7 @@ is done here from them, so a saved classifier needs no fitted scikit-learn objec
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from router.classifier import (
 
 TEXT_KIND = "text-logreg"
 VOCABULARY_FILE = "vocabulary.json"
+# scikit-learn's default token_pattern, which `fit` uses: the one-prompt path must agree.
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
 class TfidfFeatures:
@@ -70,6 +73,30 @@ class TfidfFeatures:
         norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
         scale = sp.diags(1.0 / np.maximum(norms, 1e-12))
         return sp.csr_matrix(scale @ weighted)
+
+    def term_weights(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) of `transform([text])`'s one row, without scipy or scikit-learn.
+
+        The route path featurises one prompt at a time, where the sparse-matrix
+        machinery costs far more than the arithmetic.
+        """
+        tokens = _TOKEN.findall(text.lower())
+        vocabulary, counts = self.vocabulary, dict[int, int]()
+        for n in range(1, self.ngram_max + 1):
+            grams = (
+                tokens
+                if n == 1
+                else [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+            )
+            for gram in grams:
+                column = vocabulary.get(gram)
+                if column is not None:
+                    counts[column] = counts.get(column, 0) + 1
+        columns = np.fromiter(counts.keys(), np.int64, len(counts))
+        frequency = np.fromiter(counts.values(), np.float64, len(counts))
+        values = (1.0 + np.log(frequency)) * self.idf[columns]
+        norm = float(np.sqrt(values @ values))
+        return columns, values / max(norm, 1e-12)
 
     @property
     def size(self) -> int:
@@ -115,6 +142,16 @@ class TextClassifier:
         self.bias = np.zeros(0, dtype=np.float64)
         self.anchors = sp.csr_matrix((0, 0), dtype=np.float64)
         self.anchor_labels = np.zeros(0, dtype=np.int64)
+        self._split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _split_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(terms x categories, categories x dimension) views of `weights`, made once."""
+        if self._split is None or self._split[0] is not self.weights:
+            size = self.tfidf.size
+            terms = np.ascontiguousarray(self.weights[:, :size].T)
+            vectors = np.ascontiguousarray(self.embedding_weight * self.weights[:, size:])
+            self._split = (self.weights, terms, vectors)
+        return self._split[1], self._split[2]
 
     def features(self, texts: list[str], vectors: np.ndarray) -> sp.csr_matrix:
         vectors = np.asarray(vectors, dtype=np.float64)
@@ -164,6 +201,11 @@ class TextClassifier:
     def logits(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
         if not self.categories:
             raise RuntimeError("TextClassifier used before fit")
+        if len(texts) == 1 and np.ndim(vectors) == 2 and np.shape(vectors) == (1, self.dimension):
+            terms, vector_weights = self._split_weights()
+            columns, values = self.tfidf.term_weights(texts[0])
+            vector = np.asarray(vectors[0], dtype=np.float64)
+            return (values @ terms[columns] + vector_weights @ vector + self.bias)[None, :]
         return self.logits_of(self.features(texts, vectors))
 
     def predict_proba_texts(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:

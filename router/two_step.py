@@ -90,13 +90,23 @@ class TwoStepRouter:
             if score_table is None or any(c not in score_table.categories for c in categories)
             else np.array([score_table.category_index(c) for c in categories], dtype=np.int64)
         )
+        # Made once, not per request: they cost more than the arithmetic on the route path.
+        self._reads_text = isinstance(classifier, TextCategoryClassifier)
+        self._quality_scores = (
+            None
+            if score_table is None or self._table_rows is None
+            else score_table.scores[self._table_rows]  # (categories, experts), classifier order
+        )
+        self._expert_column = (
+            {} if score_table is None else {e: i for i, e in enumerate(score_table.experts)}
+        )
 
     def probabilities(self, prompts: list[str]) -> np.ndarray:
         """p(category | prompt), one row per prompt, columns = classifier.categories."""
         vectors = self.embedder.embed(prompts)
-        if isinstance(self.classifier, TextCategoryClassifier):
-            return self.classifier.predict_proba_texts(prompts, vectors)
-        return self.classifier.predict_proba(vectors)
+        if self._reads_text:
+            return self.classifier.predict_proba_texts(prompts, vectors)  # type: ignore[union-attr]
+        return self.classifier.predict_proba(vectors)  # type: ignore[union-attr]
 
     def route_batch(self, prompts: list[str]) -> list[RouteDecision]:
         if not prompts:
@@ -128,11 +138,9 @@ class TwoStepRouter:
     def _expected_quality(
         self, probabilities: np.ndarray, experts: list[str]
     ) -> list[float | None] | None:
-        table, rows = self.score_table, self._table_rows
-        if table is None or rows is None:
+        scores, known = self._quality_scores, self._expert_column
+        if scores is None:
             return None
-        known = {e: i for i, e in enumerate(table.experts)}
-        scores = table.scores[rows]  # (categories, experts), in classifier column order
         return [
             round(float(p @ scores[:, known[e]]), 6) if e in known else None
             for p, e in zip(probabilities, experts, strict=True)

@@ -169,6 +169,22 @@ def test_text_classifier_round_trip_and_live_category(tmp_path: Path) -> None:
         load_text_classifier(tmp_path / "lr")
 
 
+def test_one_prompt_fast_path_agrees_with_the_batch_path() -> None:
+    texts, vectors, labels = text_data(30, seed=0)
+    classifier = TextClassifier(min_df=1, ngram_max=2).fit(texts, vectors, labels)
+    probes = [*text_data(5, seed=3)[0], "", "UPPER case Words, punctuation!", "x y z"]
+    probe_vectors = np.asarray(blobs(len(probes), seed=4)[0][: len(probes)])
+    batch = classifier.logits(probes, probe_vectors)
+    for i, text in enumerate(probes):
+        one = classifier.logits([text], probe_vectors[i : i + 1])
+        assert np.allclose(one[0], batch[i], atol=1e-9), text
+        columns, values = classifier.tfidf.term_weights(text)
+        row = classifier.tfidf.transform([text]).toarray()[0]
+        dense = np.zeros_like(row)
+        dense[columns] = values
+        assert np.allclose(dense, row, atol=1e-12), text
+
+
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ClassifierLoadError, match="does not exist"):
         load_classifier(tmp_path / "absent")
