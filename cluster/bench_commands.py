@@ -1,4 +1,4 @@
-"""`coe bench load|compare|ramp`: the load-test harness and benchmarks from the command line.
+"""`coe bench load|compare|ramp|soak`: the load-test harness and benchmarks, from the shell.
 
 Each subcommand forwards its arguments to the benchmark module of the same name
 (`python -m benchmarks.<name>`), so both spellings take the same options.
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "load": "load-test a running cluster (open or closed loop, real prompts, JSON + plot)",
     "compare": "coe vs multiplex vs resident under the same load, in one run",
     "ramp": "replicas following a low-high-low load under the expert autoscaling policy",
+    "soak": "good, bad and cancelled requests for a while: errors by kind and memory growth",
 }
 
 

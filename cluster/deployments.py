@@ -20,14 +20,19 @@ from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Deployment
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from actors.async_stream import iterate_in_thread
 from actors.engine import GenerationRequest, GenerationResult, StreamChunk
 from actors.expert_server import ExpertServer, make_engine
 from actors.tiered_weights import Grant, TieredWeights
+from cluster.auth import ApiKeyGate
 from cluster.config import ExpertSettings, parse_config
+from cluster.errors import Overloaded
+from cluster.grpc_ingress import GrpcIngressMixin
 from cluster.http_api import build_http_app
+from cluster.metrics import ServeRequestMetrics
 from cluster.placement import REPORT_INTERVAL_S, PlacementReplica
 from cluster.service import CoEService
 from cluster.setup_steps import build_router
@@ -64,14 +69,21 @@ class ExpertReplica:
         self._in_use = False
         model = None
         grant = None
+        # Who holds this replica's grants: the placement service takes them back if
+        # this replica's actor dies while holding one.
+        self._holder: tuple[str, Any] = ("", None)
         if placement is not None:
+            import ray
+
+            context = ray.get_runtime_context()
+            self._holder = (context.get_actor_id() or "", context.current_actor)
             described = await self._call_placement("describe", settings.name)
             index = TensorIndex.from_json(described["index"])
             arena = DeviceArena.attach_file(Path(described["arena_path"]))
             self.weights = await asyncio.to_thread(
                 TieredWeights, settings.name, Path(checkpoint_dir), settings.dtype, index, arena
             )
-            grant = await self._call_placement("acquire", settings.name)
+            grant = await self._call_placement("acquire", settings.name, *self._holder)
             self.weights.bind(grant)
             model = self.weights.model
         try:
@@ -128,7 +140,7 @@ class ExpertReplica:
             yield
             return
         async with self._serial:
-            grant: Grant = await self._call_placement("acquire", self.settings.name)
+            grant: Grant = await self._call_placement("acquire", self.settings.name, *self._holder)
             try:
                 self.weights.bind(grant)
                 self._in_use = True
@@ -215,9 +227,11 @@ class HandleBackend:
         router: DeploymentHandle,
         experts: dict[str, DeploymentHandle],
         placement: DeploymentHandle | None = None,
+        retry_after_s: int = 1,
     ) -> None:
         self.router = router
         self.experts = experts
+        self.retry_after_s = retry_after_s
         self.expert_names = sorted(experts)
         self.placement = placement
         self._hints: set[Any] = set()
@@ -240,18 +254,41 @@ class HandleBackend:
         if not hint.cancelled() and hint.exception() is not None:
             logger.warning("prefetch hint failed: %s", hint.exception())
 
+    def _overloaded(self, expert: str) -> Overloaded:
+        return Overloaded(
+            f"expert {expert!r} has too many queued requests; retry later",
+            retry_after_s=self.retry_after_s,
+        )
+
     async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
-        result: GenerationResult = await self.experts[expert].generate.remote(request)
+        response = self.experts[expert].generate.remote(request)
+        try:
+            result: GenerationResult = await response
+        except BackPressureError:
+            raise self._overloaded(expert) from None
+        except asyncio.CancelledError:
+            # Cancelling the awaiting task does not cancel the remote call: a timed-out or
+            # abandoned request must free the expert's slot too.
+            response.cancel()
+            raise
         return result
 
     async def stream(self, expert: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         handle = self.experts[expert].options(stream=True)
         chunks = cast(DeploymentResponseGenerator, handle.stream.remote(request))
-        async for chunk in chunks:
-            yield chunk
+        finished = False
+        try:
+            async for chunk in chunks:
+                yield chunk
+            finished = True
+        except BackPressureError:
+            raise self._overloaded(expert) from None
+        finally:
+            if not finished:
+                chunks.cancel()  # a client that went away frees the expert at once
 
 
-class IngressReplica:
+class IngressReplica(GrpcIngressMixin):
     """HTTP (OpenAI-compatible) and handle entry point of the cluster."""
 
     def __init__(
@@ -260,12 +297,17 @@ class IngressReplica:
         router: DeploymentHandle,
         experts: dict[str, DeploymentHandle],
         placement: DeploymentHandle | None = None,
+        api_key: str | None = None,
     ) -> None:
         settings = parse_config(config)
-        self.service = CoEService(settings.serve, HandleBackend(router, experts, placement))
+        backend = HandleBackend(router, experts, placement, settings.serve.retry_after_s)
+        self.observer = ServeRequestMetrics()
+        self.service = CoEService(settings.serve, backend, observer=self.observer)
+        # The key arrives as its own argument: the config dict replicas see never holds it.
+        self.gate = ApiKeyGate(api_key)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self.service)
+        return build_http_app(self.service, self.gate)
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """The same body and result as POST /v1/chat/completions without streaming."""
@@ -273,9 +315,12 @@ class IngressReplica:
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """OpenAI chunk objects; call with `handle.options(stream=True)`."""
-        prepared = await self.service.prepare(body)
-        async for chunk in self.service.stream_chunks(prepared):
-            yield chunk
+        stream = await self.service.open_stream(body)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # a caller that stops early frees the expert
 
     async def route(self, body: dict[str, Any]) -> dict[str, Any]:
         """The same as POST /v1/route."""
@@ -283,6 +328,10 @@ class IngressReplica:
 
     def models(self) -> dict[str, Any]:
         return self.service.models()
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's request counts since it started (`coe status`)."""
+        return self.observer.snapshot()
 
 
 ExpertDeployment: Deployment = serve.deployment()(ExpertReplica)

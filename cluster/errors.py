@@ -17,6 +17,10 @@ class CoEError(Exception):
         self.message = message
         self.param = param
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the response must carry besides the body."""
+        return {}
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -37,6 +41,13 @@ class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class PayloadTooLarge(InvalidRequest):
+    """The raw request body is larger than any request within the limits could be."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class ModelNotFound(CoEError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -49,6 +60,46 @@ class ExpertFailed(CoEError):
     status_code = 503
     error_type = "server_error"
     code = "expert_unavailable"
+
+
+class Unauthorized(CoEError):
+    """No valid API key; the message never says which part was wrong."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Overloaded(CoEError):
+    """The expert's queue is full: refuse now rather than queue without bound."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        if retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RequestTimedOut(CoEError):
+    """The request outlived `serve.request_timeout_s`; its expert call was cancelled."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "timeout"
+
+
+class InternalError(CoEError):
+    """An unexpected failure; the message says nothing about the cause."""
 
 
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:

@@ -13,6 +13,9 @@ from cluster.config import ServeSettings
 from cluster.errors import InvalidRequest, PromptTooLong, describe_validation_errors
 from router.two_step import RouteDecision
 
+# OpenAI's own bound on stop sequences.
+MAX_STOPS = 4
+
 
 class _Request(BaseModel):
     # strict: "5" is not a number and "hi" is not a list; unknown fields are errors.
@@ -60,8 +63,11 @@ class ChatCompletionRequest(_Request):
         if not any(m.role == "user" and m.text().strip() for m in self.messages):
             raise ValueError("messages must contain a non-empty user message")
         stops = self.stop_list()
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(
+                f"stop takes at most {MAX_STOPS} non-empty strings, got {len(stops)} "
+                f"({sum(1 for s in stops if not s)} empty)"
+            )
         return self
 
     def stop_list(self) -> list[str]:
@@ -117,11 +123,13 @@ def to_generation_request(
             f"the limit is {limits.max_prompt_chars}",
             param="messages",
         )
+    # Name the field the client actually sent, so the message points at its own request.
+    field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     max_tokens = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
     if max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(
-            f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens_limit}",
-            param="max_tokens",
+            f"{field} {max_tokens} exceeds this server's limit of {limits.max_tokens_limit}",
+            param=field,
         )
     return GenerationRequest(
         messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in request.messages),

@@ -15,18 +15,22 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.exceptions import ActorDiedError
 
 from actors.tiered_weights import Grant
 from cluster.config import CoEConfig, parse_config
+from cluster.metrics import TierMetrics
 from cluster.ray_object_store import RayObjectStore
 from memory_tiers.arena import Region
-from memory_tiers.ddr import CheckpointSource
-from memory_tiers.errors import ArenaError, TierError
+from memory_tiers.ddr import CheckpointSource, ObjectStore
+from memory_tiers.errors import ArenaError, ExpertUnavailable, TierError
 from memory_tiers.hbm import Lease
+from memory_tiers.holders import GrantLedger
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
 from memory_tiers.sram import ActiveSlots
@@ -38,6 +42,29 @@ HOST_DEVICE = "host0"
 # that would overwrite arena bytes wait that long so a reported expert is not clobbered.
 REPORT_INTERVAL_S = 1.0
 RESTART_GRACE_S = 3 * REPORT_INTERVAL_S
+# While grants are outstanding, their holders are checked this often: a replica that
+# died mid-request gets its lease and active slot back within about this long.
+HOLDER_CHECK_INTERVAL_S = 2.0
+# A holder that does not answer in time is busy or unreachable, not dead: only Ray's
+# word that the actor died reclaims its grants.
+HOLDER_PROBE_TIMEOUT_S = 10.0
+
+HolderProbe = Callable[[Any], Awaitable[bool]]
+
+
+async def actor_is_dead(contact: Any) -> bool:
+    """Whether the actor behind `contact` (an actor handle) is dead for good.
+
+    A replica's actor is never restarted by Ray (Serve starts a new one instead), so
+    `ActorDiedError` is final. A timeout or a transient `ActorUnavailableError` is not.
+    """
+    try:
+        await asyncio.wait_for(contact.__ray_ready__.remote(), HOLDER_PROBE_TIMEOUT_S)
+    except ActorDiedError:
+        return True
+    except Exception:  # busy, restarting network, unavailable for now: assume alive
+        return False
+    return False
 
 
 def arena_path(config: CoEConfig, device: str = HOST_DEVICE) -> Path:
@@ -56,6 +83,13 @@ class PlacementReplica:
         self.ready_at = 0.0
         self.restarted = False
         self.settings: CoEConfig | None = None
+        self.ledger = GrantLedger()
+        # Experts whose checkpoint could not be packed, and why: the others still serve.
+        self.broken: dict[str, str] = {}
+        self.holder_is_dead: HolderProbe = actor_is_dead
+        self.new_store: Callable[[], ObjectStore] = RayObjectStore
+        self._watcher: asyncio.Task[None] | None = None
+        self.tier_metrics = TierMetrics()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """First call: open the arena and pack every expert. Later calls (a config
@@ -71,7 +105,17 @@ class PlacementReplica:
             if expert.name in service.experts():
                 continue
             source = CheckpointSource(checkpoints[expert.name], expert.dtype)
-            record = service.register(expert.name, source)
+            try:
+                record = service.register(expert.name, source)
+            except Exception as error:  # one bad checkpoint must not take down every expert
+                self.broken[expert.name] = (
+                    f"expert {expert.name!r} is unavailable: its checkpoint "
+                    f"{checkpoints[expert.name]} could not be packed: "
+                    f"{type(error).__name__}: {error}"
+                )
+                logger.error("placement: %s", self.broken[expert.name])
+                continue
+            self.broken.pop(expert.name, None)
             logger.info("placement: %s packed into DDR (%d bytes)", expert.name, record.nbytes)
         if self.settings is None:
             if self.restarted:
@@ -80,7 +124,8 @@ class PlacementReplica:
                 self.ready_at = time.monotonic() + RESTART_GRACE_S
             else:
                 for name in self.pinned:
-                    service.pin(name, HOST_DEVICE)
+                    if name not in self.broken:
+                        service.pin(name, HOST_DEVICE)
                 self.pinned = []
         self.settings = settings
 
@@ -90,7 +135,7 @@ class PlacementReplica:
         path = arena_path(settings)
         self.restarted = path.is_file() and path.stat().st_size == tiers.hbm_budget_bytes
         spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
-        self.service = PlacementService([spec], RayObjectStore(), tiers.eviction)
+        self.service = PlacementService([spec], self.new_store(), tiers.eviction)
         self.slots = ActiveSlots(tiers.active_slots)
         self.pinned = list(tiers.pinned)
 
@@ -107,13 +152,20 @@ class PlacementReplica:
         if delay > 0:
             await asyncio.sleep(delay)
             for name in self.pinned:  # pin once reported residents are known
-                await asyncio.to_thread(self._require().pin, name, HOST_DEVICE)
+                if name not in self.broken:
+                    await asyncio.to_thread(self._require().pin, name, HOST_DEVICE)
             self.pinned = []
 
     # -- what replicas call --------------------------------------------------------
 
+    def _check_available(self, expert: str) -> None:
+        reason = self.broken.get(expert)
+        if reason is not None:
+            raise ExpertUnavailable(reason)
+
     def describe(self, expert: str) -> dict[str, Any]:
         """The arena file and tensor index an expert replica binds against."""
+        self._check_available(expert)
         index: TensorIndex = self._require().index(expert)
         return {
             "device": HOST_DEVICE,
@@ -121,7 +173,10 @@ class PlacementReplica:
             "index": index.to_json(),
         }
 
-    async def acquire(self, expert: str) -> Grant:
+    async def acquire(self, expert: str, holder: str = "", contact: Any = None) -> Grant:
+        """A grant for one request. `holder` (the replica's actor id) and `contact` (its
+        actor handle) let the service take the grant back should the replica die."""
+        self._check_available(expert)
         await self._after_grace()
         started = time.perf_counter()
         slot = await self.slots.acquire(expert)
@@ -131,15 +186,33 @@ class PlacementReplica:
         except BaseException:
             self.slots.release(slot)
             raise
+        if holder:
+            # Recorded even when the caller is gone by now: the watcher reclaims it.
+            self.ledger.record(holder, contact, lease, slot)
+            self._watch_holders()
         return Grant(lease=lease, slot=slot, incarnation=self.incarnation, slot_wait_s=waited)
 
     def release(self, grant: Grant) -> None:
         if grant.incarnation != self.incarnation:
             # Granted by a previous incarnation: its lease came back through a report.
             self._release_lease(grant.lease)
-            return
-        self.slots.release(grant.slot)
-        self._release_lease(grant.lease)
+        else:
+            self.ledger.settle(grant.lease.lease_id)
+            self._release_slot(grant.slot)
+            self._release_lease(grant.lease)
+        self._publish_tier_metrics()
+
+    def _publish_tier_metrics(self) -> None:
+        try:
+            self.tier_metrics.publish(self.metrics())
+        except Exception:  # metrics must never fail a grant
+            logger.exception("placement: publishing tier metrics failed")
+
+    def _release_slot(self, slot: int) -> None:
+        try:
+            self.slots.release(slot)
+        except ValueError as error:  # already reclaimed: nothing left to give back
+            logger.warning("placement: ignoring release of slot %d: %s", slot, error)
 
     def _release_lease(self, lease: Lease) -> None:
         try:
@@ -147,9 +220,49 @@ class PlacementReplica:
         except TierError as error:  # an unknown lease after a restart is not fatal
             logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
 
+    # -- dead holders ----------------------------------------------------------------
+
+    def _watch_holders(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        """Check holders while any grant is outstanding; stop when none is."""
+        while self.ledger.outstanding():
+            await asyncio.sleep(HOLDER_CHECK_INTERVAL_S)
+            try:
+                await self.reclaim_dead_holders()
+            except Exception:  # keep watching; a failed check is retried next round
+                logger.exception("placement: checking grant holders failed")
+
+    async def reclaim_dead_holders(self) -> int:
+        """End every grant whose holder died (lease and slot); returns how many."""
+        contacts = self.ledger.contacts()
+        verdicts = await asyncio.gather(*(self.holder_is_dead(c) for c in contacts.values()))
+        reclaimed = 0
+        for holder, dead in zip(contacts, verdicts, strict=True):
+            if not dead:
+                continue
+            for held in self.ledger.reclaim(holder):
+                self._release_slot(held.slot)
+                self._release_lease(held.lease)
+                reclaimed += 1
+                logger.warning(
+                    "placement: reclaimed lease %d on %s (and its active slot) from %s, "
+                    "which died holding it",
+                    held.lease.lease_id,
+                    held.lease.expert,
+                    holder,
+                )
+        return reclaimed
+
     async def prefetch(self, expert: str) -> bool:
+        if expert in self.broken:
+            return False
         await self._after_grace()
-        return await asyncio.to_thread(self._require().prefetch, expert, HOST_DEVICE)
+        copied = await asyncio.to_thread(self._require().prefetch, expert, HOST_DEVICE)
+        self._publish_tier_metrics()
+        return copied
 
     async def report(self, report: ResidencyReport, incarnation: str) -> bool:
         """A replica says what an earlier incarnation granted it; accepted when the arena
@@ -189,6 +302,9 @@ class PlacementReplica:
             **self._require().metrics(),
             "incarnation": self.incarnation,
             "refused_reports": self.refused_reports,
+            "outstanding_grants": self.ledger.outstanding(),
+            "reclaimed_grants": self.ledger.reclaimed,
+            "broken": dict(self.broken),
             "slots": self.slots.stats().to_dict(),
         }
 

@@ -11,6 +11,10 @@ import numpy as np
 import yaml
 
 from cluster.config import load_config, resolve_path
+from router.artifact_embedder import save_embedder_name, trained_embedder
+from router.embedder import MiniLMEmbedder
+
+MINILM = MiniLMEmbedder.name
 
 
 class CommandInputError(ValueError):
@@ -31,12 +35,16 @@ def _labelled(path: Path) -> Any:
         raise CommandInputError(str(error)) from None
 
 
-def _embedder() -> Any:
+def _embedder(name: str) -> Any:
     from router.embed_cache import CachedEmbedder
-    from router.embedder import MiniLMEmbedder
+    from router.embedder import make_embedder
 
+    try:
+        embedder = make_embedder(name)
+    except ValueError as error:
+        raise CommandInputError(str(error)) from None
     # Embeddings are cached on disk by content hash: re-running on the same prompts is fast.
-    return CachedEmbedder(MiniLMEmbedder())
+    return CachedEmbedder(embedder)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,8 +53,8 @@ def _train(args: argparse.Namespace) -> int:
 
     data = _labelled(args.data)
     _say(f"{len(data)} labelled prompts in {len(data.categories)} categories from {args.data}")
-    _say("embedding (cached by content hash)")
-    vectors = _embedder().embed(data.texts)
+    _say(f"embedding with {args.embedder} (cached by content hash)")
+    vectors = _embedder(args.embedder).embed(data.texts)
     _say(f"training a {args.kind} classifier")
     classifier: Any
     if args.kind == TEXT_KIND:
@@ -55,6 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         classifier = train_classifier(args.kind, vectors, data.labels, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     classifier.save(args.out)
+    save_embedder_name(args.out, args.embedder)
     _say(f"saved to {args.out}; set router.classifier: trained and router.artifact: {args.out}")
     return 0
 
@@ -80,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise CommandInputError(
             f"{args.data} has categories the classifier does not know: {unknown}"
         )
-    vectors = _embedder().embed(data.texts)
+    vectors = _embedder(trained_embedder(args.classifier) or MINILM).embed(data.texts)
     if isinstance(classifier, TextClassifier):
         probabilities = classifier.predict_proba_texts(data.texts, vectors)
     else:
@@ -251,6 +260,11 @@ def add_router_commands(commands: Any) -> None:
         help="classifier; text-logreg adds word n-grams to the embedding (the most accurate)",
     )
     train.add_argument("--seed", type=int, default=0, help="calibration split seed")
+    train.add_argument(
+        "--embedder",
+        default=MINILM,
+        help="embedder to train on (router.embedder must then name the same one)",
+    )
     train.set_defaults(run=_train)
     evaluate = router_commands.add_parser("eval", help="accuracy and per-category confusion")
     evaluate.add_argument("--classifier", type=_existing_path, required=True, help="saved dir")

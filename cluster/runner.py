@@ -58,7 +58,12 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        from cluster.grpc_proxy import serve_start_options
+
+        serve.start(
+            http_options={"host": settings.host, "port": settings.port},
+            **serve_start_options(settings),
+        )
         say(f"deploying {len(config.experts)} experts, the router and the ingress")
         failure: list[BaseException] = []
 
@@ -89,6 +94,14 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
         url = f"http://{settings.host}:{settings.port}"
         say(f"ready in {time.monotonic() - started:.1f}s at {url} (Ctrl-C to stop)")
         say(f"try:\n  {curl_example(settings.host, settings.port)}")
+        if settings.grpc_port is not None:
+            from cluster.grpc_proxy import check_bind
+
+            say(f"gRPC (coe.v1.CoE, grpc.health.v1.Health) on {settings.host}:{settings.grpc_port}")
+            say(f"  python -m cluster.grpc_client --port {settings.grpc_port} 'What is 2+2?'")
+            problem = check_bind(settings)
+            if problem is not None:
+                say(f"warning: {problem}")
         while not stop.wait(1.0):
             pass
         say("shutting down")

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from actors.checkpoint import Progress, validate_checkpoint
+from actors.checkpoint import Progress, check_weights_complete, validate_checkpoint
 from actors.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
 from memory_tiers.packing import checkpoint_nbytes
+from router.artifact_embedder import trained_embedder
 from router.classifier import make_classifier
 from router.embedder import Embedder, make_embedder
 from router.features import TextClassifier, load_router_classifier
@@ -30,7 +31,7 @@ def expert_checkpoint(expert: ExpertSettings, config: CoEConfig) -> Path:
 def prepare_checkpoints(config: CoEConfig, progress: Progress) -> dict[str, Path]:
     """Build the demo weights the config needs (idempotent) and check every checkpoint.
 
-    Runs before anything starts so a missing or broken checkpoint fails fast.
+    Runs before anything starts so a missing, truncated or corrupt checkpoint fails fast.
     """
     cache_dir = config.resolved_cache_dir()
     for source in sorted({e.demo_source for e in config.experts if e.demo_source}):
@@ -39,6 +40,7 @@ def prepare_checkpoints(config: CoEConfig, progress: Progress) -> dict[str, Path
     for expert in config.experts:
         directory = expert_checkpoint(expert, config)
         validate_checkpoint(directory)
+        check_weights_complete(directory)  # a truncated copy fails here, not in a replica
         checkpoints[expert.name] = directory
     check_tier_budget(config, checkpoints)
     return checkpoints
@@ -107,8 +109,14 @@ def trained_classifier(config: CoEConfig, embedder: Embedder) -> Any:
     directory = resolve_path(config.router.artifact)
     try:
         classifier: Any = load_router_classifier(directory)
+        trained_on = trained_embedder(directory)
     except (OSError, ValueError) as error:
         raise ConfigError(f"router.artifact {directory}: {error}") from None
+    if trained_on is not None and trained_on != config.router.embedder:
+        raise ConfigError(
+            f"the classifier at {directory} was trained on embedder {trained_on!r}, but "
+            f"router.embedder is {config.router.embedder!r}; set router.embedder: {trained_on}"
+        )
     configured = {c.name: c for c in config.categories}
     unknown = sorted(set(classifier.categories) - set(configured))
     if unknown:

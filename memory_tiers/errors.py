@@ -53,3 +53,7 @@ class BindError(TierError):
 
 class ArenaError(TierError):
     """An arena that cannot be created, attached, or allocated from as asked."""
+
+
+class ExpertUnavailable(TierError):
+    """An expert configured but not servable (its checkpoint could not be packed)."""

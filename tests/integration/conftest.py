@@ -19,6 +19,7 @@ class RunningCluster:
     base_url: str
     app_name: str
     checkpoints: dict[str, Path]
+    grpc_port: int | None = None  # Serve's gRPC proxy, bound like HTTP (loopback)
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +40,23 @@ def cluster(demo_config: CoEConfig, demo_checkpoints: dict[str, Path]) -> Iterat
     from ray import serve
 
     from cluster.app import build_app
+    from cluster.grpc_proxy import serve_start_options
     from cluster.runner import remove_arena
 
     port = free_port()
+    grpc_port = free_port()
+    grpc_settings = demo_config.serve.model_copy(update={"grpc_port": grpc_port})
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            **serve_start_options(grpc_settings),
+        )
         app_name = demo_config.serve.app_name
         serve.run(build_app(demo_config, demo_checkpoints), name=app_name, route_prefix="/")
-        yield RunningCluster(demo_config, f"http://127.0.0.1:{port}", app_name, demo_checkpoints)
+        yield RunningCluster(
+            demo_config, f"http://127.0.0.1:{port}", app_name, demo_checkpoints, grpc_port
+        )
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -7,7 +7,6 @@ same expert gives when fully resident (loaded with from_pretrained in this proce
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,45 +168,3 @@ def test_streaming_through_the_tiers(
     chunks = list(handle.chat_stream.remote({**body(expert, prompt), "stream": True}))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == references[(expert, prompt)]
-
-
-def test_placement_restart_keeps_residency_and_loses_no_request(
-    tiered: dict[str, Any], references: dict[tuple[str, str], str]
-) -> None:
-    import ray
-
-    handle, placement = tiered["handle"], tiered["placement"]
-    for index in (4, 5):
-        handle.chat.remote(body(EXPERTS[index], PROMPTS[1])).result()
-    resident_before = {name: r["offset"] for name, r in residents(placement).items()}
-    incarnation = placement.metrics.remote().result()["incarnation"]
-
-    victims = [
-        actor
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if APP in actor["name"] and "placement" in actor["name"]
-    ]
-    assert len(victims) == 1, victims
-    ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
-
-    # Sent while the service is down: each must wait for the new incarnation, not fail.
-    pending = [
-        (EXPERTS[index], handle.chat.remote(body(EXPERTS[index], PROMPTS[1]))) for index in (4, 5)
-    ]
-    for expert, response in pending:
-        answer = response.result(timeout_s=240)
-        assert answer["choices"][0]["message"]["content"] == references[(expert, PROMPTS[1])]
-
-    deadline = time.monotonic() + 60
-    while placement.metrics.remote().result()["incarnation"] == incarnation:
-        assert time.monotonic() < deadline, "the placement service did not come back"
-        time.sleep(1)
-    # The new incarnation rebuilt residency from the replicas' reports: the same
-    # experts at the same offsets (the requests above needed no switch).
-    restored = {name: r["offset"] for name, r in residents(placement).items()}
-    assert restored == resident_before
-
-    # And it switches correctly from there on.
-    answer = handle.chat.remote(body(EXPERTS[8], PROMPTS[1])).result(timeout_s=240)
-    assert answer["choices"][0]["message"]["content"] == references[(EXPERTS[8], PROMPTS[1])]
-    assert PINNED in residents(placement)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
@@ -28,12 +29,32 @@ class KeywordEmbedder:
 
 
 class FakeBackend:
-    """A `Backend` that routes by keyword and echoes; records every call."""
+    """A `Backend` that routes by keyword and echoes; records every call.
 
-    def __init__(self, experts: list[str], fail_stream: bool = False) -> None:
+    Options make it misbehave the ways real experts do: `refuse` is raised before any
+    output (an overloaded queue), `hang_generate` and `hang_stream_after` wait until
+    cancelled (a slow expert), `fail_stream` dies after the first words. It records
+    what a caller must clean up: `cancelled` generate calls and `closed_streams`,
+    the streams that were closed or cancelled before they finished.
+    """
+
+    def __init__(
+        self,
+        experts: list[str],
+        fail_stream: bool = False,
+        *,
+        refuse: Exception | None = None,
+        hang_generate: bool = False,
+        hang_stream_after: int | None = None,
+    ) -> None:
         self.expert_names = experts
         self.calls: list[tuple[str, str]] = []
         self.fail_stream = fail_stream
+        self.refuse = refuse
+        self.hang_generate = hang_generate
+        self.hang_stream_after = hang_stream_after
+        self.cancelled: list[str] = []
+        self.closed_streams: list[str] = []
 
     async def route(self, prompt: str) -> RouteDecision:
         self.calls.append(("route", prompt))
@@ -42,16 +63,36 @@ class FakeBackend:
 
     async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
         self.calls.append(("generate", expert))
+        if self.refuse is not None:
+            raise self.refuse
+        if self.hang_generate:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(expert)
+                raise
         text = f"{expert} says: {request.messages[-1].content}"
         return GenerationResult(text, prompt_tokens=3, completion_tokens=4, finish_reason="stop")
 
     async def stream(self, expert: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         self.calls.append(("stream", expert))
-        for word in ("hello", " world"):
-            yield StreamChunk(text=word)
-        if self.fail_stream:
-            raise RuntimeError("replica died")
-        yield StreamChunk("", finish_reason="length", prompt_tokens=3, completion_tokens=2)
+        if self.refuse is not None:
+            raise self.refuse
+        finished = False
+        try:
+            for index, word in enumerate(("hello", " world")):
+                if index == self.hang_stream_after:
+                    await asyncio.Event().wait()
+                yield StreamChunk(text=word)
+            if self.fail_stream:
+                raise RuntimeError("replica died")
+            if self.hang_stream_after is not None and self.hang_stream_after >= 2:
+                await asyncio.Event().wait()
+            finished = True
+            yield StreamChunk("", finish_reason="length", prompt_tokens=3, completion_tokens=2)
+        finally:
+            if not finished:
+                self.closed_streams.append(expert)
 
 
 class EchoEngine:

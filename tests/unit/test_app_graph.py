@@ -26,7 +26,7 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
-    _config, router, experts, placement = ingress.init_args
+    _config, router, experts, placement, _key = ingress.init_args
     assert bound(placement).name == "placement"  # the demo serves through the tiers
     assert bound(router).name == "router"
     assert sorted(experts) == sorted(e.name for e in config.experts)
@@ -37,6 +37,7 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     assert autoscaling.upscale_delay_s == 1
     assert math.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 1_000_000}
     assert math._deployment_config.max_ongoing_requests == 7
+    assert math._deployment_config.max_queued_requests == 32
     assert math.init_args[1] == str(tmp_path)
 
 
@@ -45,7 +46,7 @@ def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> No
     data["tiers"] = {"enabled": True, "hbm_budget_bytes": 2_000_000_000, "eviction": "lfu"}
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-    _config, _router, experts, placement = ingress.init_args
+    _config, _router, experts, placement, _key = ingress.init_args
     assert bound(placement).name == "placement"
     assert bound(placement)._deployment_config.max_ongoing_requests >= 1000
     for expert in experts.values():
@@ -60,6 +61,35 @@ def test_tiers_off_means_no_placement_service(tmp_path: Path) -> None:
     assert ingress.init_args[3] is None
     for expert in ingress.init_args[2].values():
         assert bound(expert).init_args[2] is None
+
+
+def test_the_api_key_reaches_only_the_ingress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COE_API_KEY", raising=False)
+    data = demo_data()
+    data["serve"] = {**data.get("serve", {}), "api_key": "s3cret-key"}
+    config = parse_config(data)
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    as_dict, router, _experts, placement, key = ingress.init_args
+    assert key == "s3cret-key"
+    # Neither the ingress's config nor the router's or placement's user_config holds it.
+    assert "api_key" not in as_dict["serve"]
+    for deployment in (bound(router), bound(placement)):
+        assert "s3cret-key" not in repr(deployment._deployment_config.user_config)
+    assert "s3cret-key" not in repr(config)
+
+
+def test_the_api_key_may_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COE_API_KEY", "from-env")
+    config = parse_config(demo_data())
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    assert ingress.init_args[4] == "from-env"
+    monkeypatch.setenv("COE_API_KEY", "")
+    ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
+    assert ingress.init_args[4] is None
 
 
 def test_app_builder_rejects_unknown_args() -> None:
@@ -82,7 +112,7 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
     def versions(data: dict[str, Any]) -> dict[str, str]:
         config = parse_config(data)
         ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-        _config, router, experts, placement = ingress.init_args
+        _config, router, experts, placement, _key = ingress.init_args
         found = {name: bound(expert)._version for name, expert in experts.items()}
         found["router"] = bound(router)._version
         found["placement"] = bound(placement)._version

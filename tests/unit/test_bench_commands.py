@@ -1,4 +1,4 @@
-"""`coe bench load|compare|ramp`: arguments, errors, and a load run against the real HTTP API."""
+"""`coe bench load|compare|ramp|soak`: arguments, errors, a load run against the HTTP API."""
 
 from __future__ import annotations
 
@@ -224,3 +224,12 @@ def test_coe_bench_forwards_to_the_benchmark(
             ]
         )
     assert "--rate must be > 0" in capsys.readouterr().err
+
+
+def test_coe_bench_soak_forwards_to_the_soak(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--rate", "1", "--duration", "0", "--json", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit):
+        coe_main(["bench", "soak", "--", *argv])
+    assert "--duration must be > 0" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def test_config_is_frozen() -> None:
         (lambda d: d["router"].update(artifact="/a"), ["artifact must be set"]),
         (lambda d: d["router"].update(routing="soft"), ["soft routing needs expert_scores"]),
         (lambda d: d["router"].update(cost_weight=-1), ["router.cost_weight", "-1"]),
+        (lambda d: d["router"].update(embedder="word2vec"), ["unknown embedder 'word2vec'"]),
         (lambda d: d["categories"][0].update(examples=[]), ["need classifier 'trained'"]),
         (lambda d: d.update(expert_scores={"ghost": {}}), ["unknown category 'ghost'"]),
         (lambda d: d.update(expert_scores={"math": {"nobody": 1.0}}), ["['nobody']"]),
@@ -63,6 +64,10 @@ def test_config_is_frozen() -> None:
         (lambda d: d["experts"].append(dict(d["experts"][0])), ["duplicate expert names"]),
         (lambda d: d["tiers"].update(pinned=["ghost"]), ["tiers.pinned", "'ghost'"]),
         (lambda d: d["serve"].update(default_max_tokens=9999), ["default_max_tokens (9999)"]),
+        (lambda d: d["serve"].update(request_timeout_s=0), ["serve.request_timeout_s", "0"]),
+        (lambda d: d["serve"].update(grpc_port=0), ["serve.grpc_port", "0"]),
+        (lambda d: d["serve"].update(retry_after_s=0), ["serve.retry_after_s", "0"]),
+        (lambda d: d["experts"][0].update(max_queued_requests=0), ["max_queued_requests", "0"]),
     ],
 )
 def test_bad_config_names_field_and_value(mutate: Any, expected: list[str]) -> None:
@@ -170,3 +175,28 @@ def test_bad_autoscaling_policy_is_named(autoscaling: dict[str, Any], expected: 
     data["experts"][0]["autoscaling"] = autoscaling
     with pytest.raises(ConfigError, match=expected):
         parse_config(data, "demo")
+
+
+def test_a_bad_api_key_is_never_echoed() -> None:
+    data = demo_data()
+    data["serve"]["api_key"] = 123456789
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert "serve.api_key" in str(caught.value)
+    assert "123456789" not in str(caught.value)
+
+
+def test_api_key_comes_from_the_config_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COE_API_KEY", "env-key")
+    assert parse_config(demo_data()).serve.resolved_api_key() == "env-key"
+    data = demo_data()
+    data["serve"]["api_key"] = "file-key"
+    config = parse_config(data)
+    assert config.serve.resolved_api_key() == "file-key"
+    assert "file-key" not in repr(config) and "file-key" not in str(config.model_dump())
+    data["serve"] = {**demo_data()["serve"], "api_key_env": None}
+    assert parse_config(data).serve.resolved_api_key() is None
+    monkeypatch.delenv("COE_API_KEY")
+    assert parse_config(demo_data()).serve.resolved_api_key() is None

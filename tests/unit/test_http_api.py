@@ -173,3 +173,23 @@ def test_openapi_schema_documents_request_bodies(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     assert "messages" in body["content"]["application/json"]["schema"]["properties"]
+
+
+def test_published_schema_has_no_dangling_references(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)
+    schemas = document["components"]["schemas"]
+    assert {"MessageIn", "StreamOptions"} <= set(schemas)
+    assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)

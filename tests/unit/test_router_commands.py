@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
+from router.artifact_embedder import save_embedder_name, trained_embedder
 from tests.unit.test_config import demo_data
 
 EXAMPLES = {
@@ -57,9 +58,34 @@ def test_train_then_eval(
         == 0
     )
     result = json.loads(report.read_text())
+    assert trained_embedder(out) == "all-MiniLM-L6-v2"  # recorded beside the classifier
     assert result["accuracy"] == 1.0  # its own well-separated training prompts
     assert sum(map(sum, result["confusion"])) == 8
     assert "accuracy 1.0000" in capsys.readouterr().out
+
+
+def test_unknown_embedder_is_refused_before_anything_is_written(
+    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "router"
+    command = ["router", "train", "--data", str(labelled), "--out", str(out)]
+    assert main([*command, "--embedder", "word2vec"]) == 2
+    assert "unknown embedder 'word2vec'" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_a_classifier_is_refused_with_another_embedder(labelled: Path, tmp_path: Path) -> None:
+    from cluster.config import ConfigError, parse_config
+    from cluster.setup_steps import build_router
+    from tests.unit.test_config import demo_data
+
+    out = tmp_path / "router"
+    assert main(["router", "train", "--data", str(labelled), "--out", str(out)]) == 0
+    save_embedder_name(out, "all-MiniLM-L6-v2-static")
+    data = demo_data()
+    data["router"] = {"classifier": "trained", "artifact": str(out)}
+    with pytest.raises(ConfigError, match="trained on embedder 'all-MiniLM-L6-v2-static'"):
+        build_router(parse_config(data))
 
 
 def test_bad_training_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

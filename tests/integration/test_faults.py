@@ -1,0 +1,431 @@
+"""Faults on a real cluster: dead replicas, a dead placement service, lost and broken weights.
+
+A small tiered application ("faults": three tiny Llama experts, an HBM budget that
+holds two, two active slots) runs beside the demo. Each test injects one fault and
+checks what a client sees, that nothing hangs, and that the cluster heals: every
+answer must come from the expert asked for and equal its fully resident answer.
+A second small application ("broken") has one truncated checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from actors.engine import ChatMessage, GenerationRequest
+from actors.expert_server import ExpertServer
+from actors.synthetic import build_tiny_expert
+from actors.transformers_engine import TransformersEngine
+from cluster.config import CoEConfig, parse_config
+from memory_tiers.packing import checkpoint_nbytes
+from tests.conftest import PROJECT_ROOT
+from tests.integration.conftest import RunningCluster
+
+pytestmark = pytest.mark.integration
+
+APP = "faults"
+BROKEN_APP = "broken"
+EXPERTS = ["fault-a", "fault-b", "fault-c"]
+PROMPT = "Hello there"
+CLIENT_TIMEOUT_S = 60.0
+
+
+def app_config(
+    checkpoints: dict[str, Path], experts: list[str], app: str, budget: int, arena_dir: Path
+) -> CoEConfig:
+    return parse_config(
+        {
+            "experts": [
+                {
+                    "name": name,
+                    "checkpoint": str(checkpoints[name]),
+                    "params_b": 0.006,
+                    "system_prompt": f"You are {name}.",
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                    "ray_actor_options": {"num_cpus": 0},
+                }
+                for name in experts
+            ],
+            "categories": [{"name": "general", "examples": ["Hello"]}],
+            "category_map": {"general": experts[0]},
+            "generalist": experts[0],
+            "router": {"num_cpus": 0},
+            "tiers": {
+                "enabled": True,
+                "hbm_budget_bytes": budget,
+                "eviction": "lru",
+                "active_slots": 2,
+                "arena_dir": str(arena_dir),
+            },
+            "serve": {"app_name": app, "ingress_num_cpus": 0},
+        },
+        f"{app}-test",
+    )
+
+
+def body(expert: str, max_tokens: int = 6, stream: bool = False) -> dict[str, Any]:
+    return {
+        "model": expert,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(
+    demo_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fault-experts")
+    tokenizer = demo_checkpoints["generalist"]
+    built = {
+        name: build_tiny_expert(root / name, seed, tokenizer)
+        for seed, name in enumerate([*EXPERTS, "whole", "torn"], start=300)
+    }
+    weights = built["torn"] / "model.safetensors"
+    with weights.open("r+b") as handle:  # keep the header, lose half of the tensor data
+        handle.truncate(weights.stat().st_size // 2)
+    return built
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints: dict[str, Path]) -> dict[str, str]:
+    """Each expert fully resident (its own from_pretrained copy), greedy answers."""
+    answers = {}
+    for name in EXPERTS:
+        server = ExpertServer(name, TransformersEngine(name, checkpoints[name]), f"You are {name}.")
+        request = GenerationRequest(
+            messages=(ChatMessage(role="user", content=PROMPT),), max_tokens=6
+        )
+        answers[name] = server.generate(request).text
+    return answers
+
+
+def arena_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else tmp_path_factory.mktemp("arena")
+
+
+@pytest.fixture(scope="module")
+def faults(
+    cluster: RunningCluster,
+    checkpoints: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.placement import arena_path
+
+    size = checkpoint_nbytes(checkpoints[EXPERTS[0]], "float32")
+    config = app_config(
+        checkpoints, EXPERTS, APP, int(size * 2.5), arena_dir(tmp_path_factory)
+    )  # room for two experts, never three
+    serve.run(build_app(config, checkpoints), name=APP, route_prefix=f"/{APP}")
+    try:
+        yield {
+            "url": f"{cluster.base_url}/{APP}/v1/chat/completions",
+            "placement": serve.get_deployment_handle("placement", app_name=APP),
+            "config": config,
+        }
+    finally:
+        serve.delete(APP)
+        arena_path(config).unlink(missing_ok=True)
+
+
+def placement_metrics(faults: dict[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = faults["placement"].metrics.remote().result(timeout_s=60)
+    return metrics
+
+
+def resident_offsets(faults: dict[str, Any]) -> dict[str, int]:
+    device = faults["placement"].residency.remote().result(timeout_s=60)["host0"]
+    return {r["expert"]: r["offset"] for r in device["residents"]}
+
+
+def ask(faults: dict[str, Any], expert: str) -> httpx.Response:
+    return httpx.post(faults["url"], json=body(expert), timeout=CLIENT_TIMEOUT_S)
+
+
+def assert_answered_by(response: httpx.Response, expert: str, references: dict[str, str]) -> None:
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert response.headers["x-coe-expert"] == expert
+    assert answer["coe"]["expert"] == expert
+    assert answer["choices"][0]["message"]["content"] == references[expert], (
+        f"{expert} answered differently from its fully resident copy"
+    )
+
+
+def ask_until_served(
+    faults: dict[str, Any], expert: str, references: dict[str, str], within_s: float
+) -> int:
+    """Retry (bounded) while Serve replaces a replica; returns the attempts made."""
+    deadline = time.monotonic() + within_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            response = ask(faults, expert)
+        except httpx.HTTPError:
+            response = None
+        if response is not None and response.status_code == 200:
+            assert_answered_by(response, expert, references)
+            return attempts
+        assert time.monotonic() < deadline, (
+            f"{expert} was not served again within {within_s}s: "
+            f"{response.status_code if response is not None else 'no response'}"
+        )
+        time.sleep(1)
+
+
+def stream_and_kill(url: str, expert: str, pid: int) -> tuple[int, list[Any]]:
+    """Stream a long answer, SIGKILL the replica after the first content chunk; the
+    events the client received (parsed JSON, or the "[DONE]" marker)."""
+    events: list[Any] = []
+    killed = False
+    with httpx.stream(
+        "POST", url, json=body(expert, max_tokens=500, stream=True), timeout=CLIENT_TIMEOUT_S
+    ) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line.removeprefix("data: ")
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            delta = events[-1]["choices"][0]["delta"] if _is_chunk(events[-1]) else {}
+            if not killed and delta.get("content"):
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        status = response.status_code
+    assert killed, f"the stream ended before any content: {events}"
+    return status, events
+
+
+def _is_chunk(event: Any) -> bool:
+    return isinstance(event, dict) and bool(event.get("choices"))
+
+
+@pytest.mark.timeout(420)
+def test_an_expert_replica_killed_mid_stream(
+    faults: dict[str, Any], references: dict[str, str]
+) -> None:
+    """Twice, so two leaked grants would block both active slots without reclaiming."""
+    from ray import serve
+
+    expert = EXPERTS[0]
+    handle = serve.get_deployment_handle(f"expert-{expert}", app_name=APP)
+    reclaimed_before = placement_metrics(faults)["reclaimed_grants"]
+    for round_ in range(2):
+        pid = handle.info.remote().result(timeout_s=60)["pid"]
+        status, events = stream_and_kill(faults["url"], expert, pid)
+        print(f"round {round_}: status {status}, last events {events[-2:]}")
+        assert status == 200  # the headers went out before the replica died
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        assert len(errors) == 1, events
+        assert expert in errors[0]["error"]["message"]
+        assert errors[0]["error"]["type"] == "server_error"
+        assert events[-1] == "[DONE]"
+        assert not any(_is_chunk(e) and e["choices"][0].get("finish_reason") for e in events)
+
+        attempts = ask_until_served(faults, expert, references, within_s=180)
+        print(f"round {round_}: served again after {attempts} attempt(s)")
+        assert handle.info.remote().result(timeout_s=60)["pid"] != pid
+
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = placement_metrics(faults)
+        if metrics["outstanding_grants"] == 0 and metrics["slots"]["active"] == 0:
+            break
+        assert time.monotonic() < deadline, f"grants still held: {metrics}"
+        time.sleep(0.5)
+    assert metrics["reclaimed_grants"] - reclaimed_before == 2
+
+
+def placement_actor() -> Any:
+    import ray
+
+    found = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if APP in actor["name"] and "placement" in actor["name"]
+    ]
+    assert len(found) == 1, found
+    return ray.get_actor(found[0]["name"], namespace=found[0]["namespace"])
+
+
+def _pid(_actor: Any) -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_placement_service_rebuilds_residency_and_routes_right(
+    faults: dict[str, Any], references: dict[str, str]
+) -> None:
+    import ray
+
+    for expert in EXPERTS[1:]:
+        assert_answered_by(ask(faults, expert), expert, references)
+    resident_before = resident_offsets(faults)
+    assert set(resident_before) == set(EXPERTS[1:])
+    incarnation = placement_metrics(faults)["incarnation"]
+
+    os.kill(ray.get(placement_actor().__ray_call__.remote(_pid), timeout=60), signal.SIGKILL)
+
+    # Sent while the service is down: each waits for the new incarnation, none fails,
+    # and none is answered by another expert.
+    for expert in EXPERTS[1:]:
+        assert_answered_by(ask(faults, expert), expert, references)
+    deadline = time.monotonic() + 120
+    while placement_metrics(faults)["incarnation"] == incarnation:
+        assert time.monotonic() < deadline, "the placement service did not come back"
+        time.sleep(1)
+    # Rebuilt from the replicas' reports: same experts at the same offsets.
+    assert resident_offsets(faults) == resident_before
+    for expert in [*EXPERTS, *EXPERTS]:  # switches from there on, every expert
+        assert_answered_by(ask(faults, expert), expert, references)
+
+
+class _ShortLivedOwner:
+    """Owns one object; killing it loses the object, as a dead owner does in Ray."""
+
+    def put(self, nbytes: int) -> list[Any]:
+        import ray
+
+        return [ray.put(np.zeros(nbytes, dtype=np.uint8))]
+
+
+def _lose_ddr_object(replica_actor: Any, expert: str) -> str:
+    """Runs inside the placement actor: point the expert's DDR entry at an object
+    whose owner is then killed, so the next get raises OwnerDiedError."""
+    import dataclasses
+
+    import ray
+
+    placement = replica_actor._replica_impl._user_callable_wrapper._callable
+    ddr = placement.service.ddr
+    entry = ddr.entry(expert)
+    owner: Any = ray.remote(num_cpus=0)(_ShortLivedOwner).remote()
+    [ref] = ray.get(owner.put.remote(entry.nbytes))
+    ray.kill(owner, no_restart=True)
+    # `ray.kill` returns before the owner is gone; until then a get would still hand
+    # back the placeholder zeros. Wait until the object is really lost.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(ref, timeout=10)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the object {ref} outlived its killed owner")
+        time.sleep(0.2)
+    with ddr._lock:
+        ddr._entries[expert] = dataclasses.replace(entry, ref=ref)
+    return str(ref)
+
+
+@pytest.mark.timeout(240)
+def test_an_expert_lost_from_the_object_store_is_rebuilt_from_disk(
+    faults: dict[str, Any], references: dict[str, str]
+) -> None:
+    import ray
+
+    lost = EXPERTS[2]
+    for expert in (EXPERTS[0], EXPERTS[1]):  # the budget holds two: the lost one is out
+        assert_answered_by(ask(faults, expert), expert, references)
+    assert lost not in resident_offsets(faults)
+    rebuilds = placement_metrics(faults)["ddr"]["rebuilds"]
+    ray.get(placement_actor().__ray_call__.remote(_lose_ddr_object, lost), timeout=60)
+
+    assert_answered_by(ask(faults, lost), lost, references)
+    assert placement_metrics(faults)["ddr"]["rebuilds"] == rebuilds + 1
+    assert lost in resident_offsets(faults)
+
+
+@pytest.mark.timeout(300)
+def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
+    cluster: RunningCluster,
+    checkpoints: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.placement import arena_path
+
+    size = checkpoint_nbytes(checkpoints["whole"], "float32")
+    config = app_config(
+        checkpoints, ["whole", "torn"], BROKEN_APP, int(size * 2.5), arena_dir(tmp_path_factory)
+    )
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            serve.run(build_app(config, checkpoints), name=BROKEN_APP, route_prefix="/broken")
+        print(f"serve.run raised: {str(failed.value)[:600]}")
+        status = serve.status().applications[BROKEN_APP]
+        torn = status.deployments["expert-torn"]
+        print(f"expert-torn: {torn.status.value}: {torn.message[:600]}")
+        assert torn.status.value in {"DEPLOY_FAILED", "UNHEALTHY"}
+        assert "expert 'torn' is unavailable" in torn.message
+        assert "could not be packed" in torn.message
+        placement = serve.get_deployment_handle("placement", app_name=BROKEN_APP)
+        broken = placement.metrics.remote().result(timeout_s=60)["broken"]
+        assert list(broken) == ["torn"]
+        assert status.deployments["expert-whole"].status.value == "HEALTHY"
+        ingress = serve.get_deployment_handle("ingress", app_name=BROKEN_APP)
+        answer = ingress.chat.remote(body("whole")).result(timeout_s=120)
+        assert answer["coe"]["expert"] == "whole"
+        assert answer["choices"][0]["message"]["content"]
+    finally:
+        serve.delete(BROKEN_APP)
+        arena_path(config).unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_bad_config_is_rejected_and_the_application_keeps_serving(
+    faults: dict[str, Any],
+    references: dict[str, str],
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    good = faults["config"].model_dump(mode="json", exclude={"serve": {"api_key"}})
+    unknown_expert = {**good, "category_map": {"general": "ghost"}}
+    torn_checkpoint = {
+        **good,
+        "experts": [
+            *good["experts"],
+            {**good["experts"][0], "name": "torn", "checkpoint": str(checkpoints["torn"])},
+        ],
+    }
+    for name, bad, named in [
+        ("unknown-expert", unknown_expert, "ghost"),
+        ("torn-checkpoint", torn_checkpoint, str(checkpoints["torn"])),
+    ]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(bad), encoding="utf-8")
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "apply", str(path)],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        print(f"{name}: rc {result.returncode} in {time.monotonic() - started:.1f}s: {output}")
+        assert result.returncode == 2, output
+        assert "error:" in output and named in output
+    for expert in EXPERTS:
+        assert_answered_by(ask(faults, expert), expert, references)
