@@ -26,6 +26,7 @@ from cluster.setup_steps import prepare_checkpoints
 INGRESS_NAME = "ingress"
 ROUTER_NAME = "router"
 PLACEMENT_NAME = "placement"
+INGRESS_MAX_ONGOING = 1000
 
 
 def expert_deployment_name(expert: str) -> str:
@@ -106,7 +107,12 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         )
     ).bind()
     ingress = IngressDeployment.options(
-        name=INGRESS_NAME, ray_actor_options={"num_cpus": config.serve.ingress_num_cpus}
+        name=INGRESS_NAME,
+        ray_actor_options={"num_cpus": config.serve.ingress_num_cpus},
+        # The ingress only awaits; the bound on work is each expert's queue. With Serve's
+        # default of 5, five requests waiting on a slow expert stalled every other
+        # request at the proxy, even ones refused in milliseconds (found by the soak).
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
     )
     return ingress.bind(as_dict, router, experts, placement, config.serve.resolved_api_key())
 

@@ -26,6 +26,8 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
+    # Requests waiting on a slow expert must not stall the ingress for everyone else.
+    assert ingress._deployment_config.max_ongoing_requests >= 1000
     _config, router, experts, placement, _key = ingress.init_args
     assert bound(placement).name == "placement"  # the demo serves through the tiers
     assert bound(router).name == "router"
