@@ -21,6 +21,13 @@ class ChatMessage:
     content: str
 
 
+# Below this a temperature decodes greedily: sampling at temperature t divides the logits
+# by t, and for t near the smallest floats that overflows to inf and the softmax to NaN.
+# Greedy decoding is what sampling tends to as t -> 0, so the answer is the limit, not a
+# refusal; at 1e-6 any logit below 1e32 still divides to a finite number.
+MIN_SAMPLING_TEMPERATURE = 1e-6
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     messages: tuple[ChatMessage, ...]
@@ -29,6 +36,11 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @property
+    def samples(self) -> bool:
+        """Whether this request samples; False means greedy decoding."""
+        return self.temperature >= MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass(frozen=True)

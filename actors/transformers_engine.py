@@ -107,7 +107,7 @@ class TransformersEngine:
         kwargs: dict[str, Any] = dict(inputs)
         kwargs["max_new_tokens"] = request.max_tokens
         kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-        if request.temperature > 0:
+        if request.samples:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

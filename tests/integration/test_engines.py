@@ -118,3 +118,15 @@ def test_broken_checkpoints_are_refused(tmp_path: Path, demo_checkpoints: dict[s
         TransformersEngine("x", tmp_path)
     with pytest.raises(ValueError, match="unknown engine"):
         make_engine("x", "vllm", demo_checkpoints["generalist"], "float32", "template")
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40])
+def test_vanishing_temperature_decodes_greedily(
+    smollm2: TransformersEngine, temperature: float
+) -> None:
+    # Dividing the logits by such a temperature overflows; sampling's limit is greedy.
+    request = GenerationRequest(QUESTION, max_tokens=6, temperature=temperature)
+    assert (
+        smollm2.generate(request).text
+        == smollm2.generate(GenerationRequest(QUESTION, max_tokens=6)).text
+    )

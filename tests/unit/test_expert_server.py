@@ -63,3 +63,12 @@ def test_iterate_in_thread_reraises_producer_errors() -> None:
 
     with pytest.raises(RuntimeError, match="device lost"):
         asyncio.run(consume())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "samples"),
+    [(0.0, False), (5e-324, False), (1e-7, False), (1e-6, True), (0.7, True)],
+)
+def test_only_a_usable_temperature_samples(temperature: float, samples: bool) -> None:
+    request = GenerationRequest((ChatMessage("user", "hi"),), 4, temperature=temperature)
+    assert request.samples is samples
