@@ -44,8 +44,9 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# Unit tests share nothing, so they run on every core; the Ray suites stay serial.
 test-unit: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n auto tests/unit
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application, Deployment
 
-from cluster.config import CoEConfig, ConfigError, load_config
+from cluster.config import CoEConfig, ConfigError, ExpertSettings, load_config
 from cluster.deployments import (
     ExpertDeployment,
     IngressDeployment,
@@ -46,6 +46,13 @@ CODE_FILES = (
 _CODE_VERSION = hashlib.sha256(
     b"".join((Path(__file__).parent / name).read_bytes() for name in CODE_FILES)
 ).hexdigest()[:16]
+
+
+def start_attempts_option(expert: ExpertSettings) -> dict[str, Any]:
+    """Serve's constructor retry bound, only when the config sets one (else Serve's)."""
+    if expert.start_attempts is None:
+        return {}
+    return {"max_constructor_retry_count": expert.start_attempts}
 
 
 def replica_version(*parts: Any) -> str:
@@ -94,6 +101,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             max_ongoing_requests=expert.max_ongoing_requests,
             max_queued_requests=expert.max_queued_requests,
             ray_actor_options=expert.ray_actor_options.model_dump(exclude_none=True),
+            **start_attempts_option(expert),
         )
         arguments = (expert.model_dump(mode="json"), str(checkpoints[expert.name]))
         experts[expert.name] = _versioned(deployment, *arguments, placement is not None).bind(

@@ -144,6 +144,13 @@ class ExpertSettings(_Strict):
         description="Requests that may wait for this expert's replicas; beyond that a request "
         "is refused with 429 / RESOURCE_EXHAUSTED and Retry-After instead of queueing.",
     )
+    start_attempts: int | None = Field(
+        None,
+        ge=1,
+        description="Times Serve starts a replica of this expert before it reports the "
+        "deployment failed (null: Serve's default, 3 per replica). A broken checkpoint "
+        "fails the same way every time, so 1 reports it soonest.",
+    )
     autoscaling: AutoscalingSettings = Field(
         default_factory=lambda: AutoscalingSettings(),
         description="Replica autoscaling.",

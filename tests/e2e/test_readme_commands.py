@@ -58,10 +58,25 @@ def test_serve_fails_fast_on_a_bad_config(tmp_path: Path) -> None:
     assert "starting Ray" not in output
 
 
+def generalist_only(tmp_path: Path) -> Path:
+    """The demo config cut to its generalist. What is under test here is `serve deploy`
+    and the builder; `make serve` above and the integration suite serve all five experts."""
+    data = yaml.safe_load(Path(DEMO_CONFIG).read_text())
+    generalist = data["generalist"]
+    data["experts"] = [e for e in data["experts"] if e["name"] == generalist]
+    data["category_map"] = {category: generalist for category in data["category_map"]}
+    path = tmp_path / "generalist-only.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def test_serve_deploy_on_a_local_cluster(tmp_path: Path) -> None:
     port = free_port()
     config = yaml.safe_load(Path("configs/serve.yaml").read_text())
     config["http_options"]["port"] = port
+    (application,) = config["applications"]
+    assert application["args"]["config"] == "configs/demo.yaml"  # what the README deploys
+    application["args"]["config"] = str(generalist_only(tmp_path))
     deploy_file = tmp_path / "serve.yaml"
     deploy_file.write_text(yaml.safe_dump(config))
     env = {"RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:/usr/bin:/bin"}
@@ -81,4 +96,4 @@ def test_serve_deploy_on_a_local_cluster(tmp_path: Path) -> None:
     finally:
         run([ray, "stop", "--force"], env=env)
         # `serve deploy` has no foreground process to give the shared arena back.
-        remove_arena(load_config(DEMO_CONFIG))
+        remove_arena(load_config(application["args"]["config"]))

@@ -35,9 +35,9 @@ def test_short_soak_gets_no_unexpected_status(cluster: RunningCluster, tmp_path:
     out = tmp_path / "soak.json"
     code = soak.main(
         [
-            "--url", cluster.base_url, "--config", str(DEMO_CONFIG), "--duration", "20",
-            "--rate", "1.2", "--bad", "0.3", "--cancel", "0.3", "--max-tokens", "8",
-            "--timeout", "120", "--sample-s", "10", "--prompts", str(prompts), "--no-progress",
+            "--url", cluster.base_url, "--config", str(DEMO_CONFIG), "--duration", "10",
+            "--rate", "1.5", "--bad", "0.3", "--cancel", "0.3", "--max-tokens", "8",
+            "--timeout", "120", "--sample-s", "5", "--prompts", str(prompts), "--no-progress",
             "--json", str(out),
         ]
     )  # fmt: skip

@@ -23,6 +23,7 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     data["experts"][1]["autoscaling"] = {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 1}
     data["experts"][1]["ray_actor_options"] = {"num_cpus": 0.5, "memory": 1_000_000}
     data["experts"][1]["max_ongoing_requests"] = 7
+    data["experts"][1]["start_attempts"] = 1
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
@@ -40,7 +41,11 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     assert math.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 1_000_000}
     assert math._deployment_config.max_ongoing_requests == 7
     assert math._deployment_config.max_queued_requests == 32
+    assert math._deployment_config.max_constructor_retry_count == 1
     assert math.init_args[1] == str(tmp_path)
+    # Unset, the retry bound stays Serve's own default.
+    default = bound(experts[config.experts[0].name])._deployment_config
+    assert default.max_constructor_retry_count == type(default)().max_constructor_retry_count
 
 
 def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> None:

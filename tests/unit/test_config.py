@@ -68,6 +68,7 @@ def test_config_is_frozen() -> None:
         (lambda d: d["serve"].update(grpc_port=0), ["serve.grpc_port", "0"]),
         (lambda d: d["serve"].update(retry_after_s=0), ["serve.retry_after_s", "0"]),
         (lambda d: d["experts"][0].update(max_queued_requests=0), ["max_queued_requests", "0"]),
+        (lambda d: d["experts"][0].update(start_attempts=0), ["experts.0.start_attempts", "0"]),
     ],
 )
 def test_bad_config_names_field_and_value(mutate: Any, expected: list[str]) -> None:
