@@ -12,8 +12,8 @@ from actors.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
 from memory_tiers.packing import checkpoint_nbytes
 from router.artifact_embedder import trained_embedder
-from router.classifier import make_classifier
-from router.embedder import Embedder, make_embedder
+from router.classifier import OneCategoryClassifier, make_classifier
+from router.embedder import Embedder, LazyEmbedder
 from router.features import TextClassifier, load_router_classifier
 from router.mapping import CategoryMap
 from router.score_table import ScoreTable
@@ -73,7 +73,7 @@ def build_router(config: CoEConfig, embedder: Embedder | None = None) -> TwoStep
     category's examples (`with_category`): the trained classes are not refitted.
     """
     settings = config.router
-    embedder = embedder or make_embedder(settings.embedder)
+    embedder = embedder if embedder is not None else LazyEmbedder(settings.embedder)
     category_map = CategoryMap(
         experts_by_category=dict(config.category_map),
         generalist=config.generalist,
@@ -83,6 +83,9 @@ def build_router(config: CoEConfig, embedder: Embedder | None = None) -> TwoStep
     classifier: Any
     if settings.classifier == "trained":
         classifier = trained_classifier(config, embedder)
+    elif len(config.categories) == 1:
+        # Nothing to tell apart: the embedder is not needed to fit or to route.
+        classifier = OneCategoryClassifier(config.categories[0].name)
     else:
         texts = [text for c in config.categories for text in c.examples]
         labels = [c.name for c in config.categories for _ in c.examples]

@@ -52,6 +52,17 @@ class TrainableClassifier(CategoryClassifier, Protocol):
     def save(self, directory: Path) -> None: ...
 
 
+class OneCategoryClassifier:
+    """The classifier of a category space with a single category: every prompt is in it
+    with probability 1, whatever its vector, so nothing needs fitting or embedding."""
+
+    def __init__(self, category: str) -> None:
+        self.categories = [category]
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        return np.ones((len(vectors), 1))
+
+
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     scaled = logits / temperature
     scaled -= scaled.max(axis=1, keepdims=True)

@@ -28,7 +28,8 @@ from router.static_embedder import STATIC_EMBEDDER_NAME
 class Embedder(Protocol):
     """Maps texts to L2-normalised float32 vectors of a fixed dimension."""
 
-    dimension: int
+    @property
+    def dimension(self) -> int: ...
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -84,6 +85,33 @@ class MiniLMVariantEmbedder(MiniLMEmbedder):
         if int8:
             self.model = _quantised(self.model)
         self.name = variant_name(max_seq_length, int8)
+
+
+class LazyEmbedder:
+    """`make_embedder(name)`, made on first use. A router whose config has one category
+    never embeds a prompt, so its replica never pays for loading the model."""
+
+    def __init__(self, name: str) -> None:
+        if not is_known_embedder(name):
+            raise ValueError(f"unknown embedder {name!r}; known: {list(KNOWN_EMBEDDERS)}")
+        self.name = name
+        self._embedder: Embedder | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    def _get(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = make_embedder(self.name)
+        return self._embedder
+
+    @property
+    def dimension(self) -> int:
+        return self._get().dimension
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._get().embed(texts)
 
 
 def _quantised(model: Any) -> Any:

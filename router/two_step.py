@@ -103,6 +103,10 @@ class TwoStepRouter:
 
     def probabilities(self, prompts: list[str]) -> np.ndarray:
         """p(category | prompt), one row per prompt, columns = classifier.categories."""
+        if len(self.classifier.categories) == 1:
+            # A distribution over one category is 1 for any classifier: skip the
+            # embedder, which then never has to load (see router.embedder.LazyEmbedder).
+            return np.ones((len(prompts), 1))
         vectors = self.embedder.embed(prompts)
         if self._reads_text:
             return self.classifier.predict_proba_texts(prompts, vectors)  # type: ignore[union-attr]

@@ -116,3 +116,41 @@ def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path) -> None:
     router = build_router(parse_config(data), EMBEDDER)
     assert router.route("write a poem and a story").expert == "poet"
     assert router.route("python code please").expert == "coder"
+
+
+def test_one_category_routes_without_ever_loading_the_embedder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import router.embedder
+
+    def no_model(name: str) -> Any:
+        raise AssertionError(f"embedder {name!r} was loaded")
+
+    monkeypatch.setattr(router.embedder, "make_embedder", no_model)
+    data = config_data()
+    data["categories"] = [{"name": "math", "examples": ["sum of numbers"]}]
+    data["category_map"] = {"math": "mathy"}
+    built = build_router(parse_config(data))  # the config's own (lazy) embedder
+    decisions = built.route_batch(["anything at all", "write a poem"])
+    assert [(d.expert, d.category, d.confidence) for d in decisions] == [("mathy", "math", 1.0)] * 2
+    assert not built.embedder.loaded  # type: ignore[attr-defined]
+
+
+def test_lazy_embedder_loads_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import router.embedder
+    from router.embedder import LazyEmbedder
+
+    made: list[str] = []
+
+    def make(name: str) -> KeywordEmbedder:
+        made.append(name)
+        return EMBEDDER
+
+    monkeypatch.setattr(router.embedder, "make_embedder", make)
+    lazy = LazyEmbedder("all-MiniLM-L6-v2")
+    assert made == [] and not lazy.loaded
+    assert lazy.embed(["python code"]).shape == (1, EMBEDDER.dimension)
+    assert lazy.dimension == EMBEDDER.dimension
+    assert made == ["all-MiniLM-L6-v2"]
+    with pytest.raises(ValueError, match="unknown embedder 'word2vec'"):
+        LazyEmbedder("word2vec")
