@@ -29,7 +29,7 @@ from cluster.config import CoEConfig, ExpertSettings, ServeSettings
 from cluster.errors import InvalidRequest
 from cluster.http_api import build_http_app
 from cluster.service import CoEService
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 MULTIPLEX_NAME = "multiplexed-experts"
 

@@ -37,6 +37,10 @@ def expert_deployment_name(expert: str) -> str:
 # arguments are the same.
 CODE_FILES = (
     "deployments.py",
+    "expert_replica.py",
+    "router_replica.py",
+    "ingress_replica.py",
+    "handle_backend.py",
     "placement.py",
     "service.py",
     "http_api.py",

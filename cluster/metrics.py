@@ -24,7 +24,7 @@ from collections import Counter as Tally
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 logger = logging.getLogger("ray.serve")
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.engine import ChatMessage, GenerationRequest, GenerationResult
 from cluster.config import ServeSettings
 from cluster.errors import InvalidRequest, PromptTooLong, describe_validation_errors
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 # OpenAI's own bound on stop sequences.
 MAX_STOPS = 4

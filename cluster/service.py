@@ -43,7 +43,7 @@ from cluster.openai_api import (
     to_generation_request,
     usage_chunk,
 )
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

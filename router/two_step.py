@@ -8,12 +8,12 @@ the generalist below the confidence threshold.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from router.classifier import CategoryClassifier, CentroidClassifier, KNNClassifier
+from router.decision import RouteDecision
 from router.embedder import Embedder
 from router.mapping import CategoryMap
 from router.optimiser import ScoreTable
@@ -30,22 +30,6 @@ class TextCategoryClassifier(Protocol):
     categories: list[str]
 
     def predict_proba_texts(self, texts: list[str], vectors: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    """Where one prompt goes and why."""
-
-    expert: str
-    category: str
-    confidence: float
-    fallback: bool  # True when confidence was below threshold and the generalist took it
-    scores: dict[str, float]
-    # sum_c p(c|x) * score[c, expert] when the router has a score table, else None.
-    expected_quality: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TwoStepRouter:

@@ -1,7 +1,7 @@
 """Every system the load harness starts answers real requests and is stopped cleanly.
 
 The three systems of `benchmarks.compare` (coe, multiplex, resident) run one after the
-other beside the demo application, with three small Llama experts; the harness drives
+other beside the demo application, with two small Llama experts; the harness drives
 a short closed loop against each (streaming and not), then the system is stopped and
 must leave no application, no replica process and no arena behind.
 """
@@ -33,7 +33,7 @@ def scenario(
     root = tmp_path_factory.mktemp("bench")
     source = build_tiny_expert(root / "source", 7, demo_tokenizer_dir())
     scenario = Scenario(
-        experts=3, hbm_experts=1, checkpoint=source, copies_dir=root / "experts", max_models=1
+        experts=2, hbm_experts=1, checkpoint=source, copies_dir=root / "experts", max_models=1
     )
     scenario.prepare(lambda _: None)
     return scenario
@@ -76,7 +76,7 @@ def test_system_serves_the_harness_and_stops_cleanly(
     assert all(o.served_by == o.expert for o in result.outcomes)
     assert summary["stream_requests"] > 0
     if name == "coe":
-        # Three experts through a device budget of one: the tiers switched.
+        # Two experts through a device budget of one: the tiers switched.
         assert measured["switches"] >= 2
         assert measured["peak_memory_bytes"] == scenario.hbm_budget_bytes
     elif name == "multiplex":

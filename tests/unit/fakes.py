@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 
 from actors.engine import Cancellation, GenerationRequest, GenerationResult, StreamChunk
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 
 class KeywordEmbedder:

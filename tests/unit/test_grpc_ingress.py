@@ -37,7 +37,7 @@ from cluster.grpc_ingress import (
     status_code_for,
 )
 from cluster.service import CoEService
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 from tests.unit.fakes import FakeBackend
 
 LIMITS = ServeSettings(max_prompt_chars=200, max_tokens_limit=64, default_max_tokens=16)

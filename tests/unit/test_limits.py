@@ -16,7 +16,7 @@ from cluster.config import ServeSettings
 from cluster.errors import ExpertFailed, Overloaded, RequestTimedOut
 from cluster.http_api import build_http_app
 from cluster.service import CLIENT_CLOSED, ChatStream, CoEService, max_body_bytes
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 from tests.unit.fakes import FakeBackend
 
 LIMITS = ServeSettings(max_prompt_chars=200, max_tokens_limit=64, default_max_tokens=16)

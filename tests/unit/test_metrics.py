@@ -12,7 +12,7 @@ from cluster.metrics import ServeRequestMetrics, TierMetrics
 from memory_tiers.ddr import CallableSource, InProcessObjectStore
 from memory_tiers.packing import TensorEntry, TensorIndex
 from memory_tiers.placement import DeviceSpec, PlacementService
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 Tags = tuple[tuple[str, str], ...]
 

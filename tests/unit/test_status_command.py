@@ -15,7 +15,7 @@ from cluster.status_command import expert_rows, format_status_table
 from memory_tiers.ddr import CallableSource, InProcessObjectStore
 from memory_tiers.packing import TensorEntry, TensorIndex
 from memory_tiers.placement import DeviceSpec, PlacementService
-from router.two_step import RouteDecision
+from router.decision import RouteDecision
 
 MIB = 2**20
 
