@@ -12,6 +12,7 @@ a real one so the router and the experts run, not only the validation. No case m
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,8 +39,10 @@ pytestmark = pytest.mark.integration
 APP_NAME = "fuzz"
 PREFIX = "/fuzz"
 EXPERTS = ("alpha", "beta")
-EXAMPLES = 80  # per operation and generation mode
-BUDGET_S = 75.0  # for all the fuzzing; cases generated past it are not sent
+# Per operation and generation mode: a smoke run in the suite; a longer run is
+# `COE_FUZZ_EXAMPLES=1000 pytest tests/integration/test_fuzz_http.py`.
+EXAMPLES = int(os.environ.get("COE_FUZZ_EXAMPLES", "40"))
+BUDGET_S = max(45.0, EXAMPLES * 1.0)  # for all the fuzzing; cases past it are not sent
 CALL_TIMEOUT_S = 60.0
 CHAT = {"model": "coe", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 
