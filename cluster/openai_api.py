@@ -52,7 +52,12 @@ class ChatCompletionRequest(_Request):
     temperature: float | None = Field(None, ge=0, le=2, description="0 or unset: greedy.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = Field(None, description="Sampling seed.")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="Sampling seed, a 64-bit signed integer (as in the gRPC API).",
+    )
     n: Literal[1] | None = Field(None, description="Only one choice is supported.")
     stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = None

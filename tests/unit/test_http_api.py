@@ -68,6 +68,7 @@ BAD_INPUTS = [
     ("max_tokens wrong type", json.dumps(with_(max_tokens="5")).encode(), 400, "max_tokens"),
     ("unknown model", json.dumps(with_(model="gpt-9")).encode(), 404, "gpt-9"),
     ("max_tokens zero", json.dumps(with_(max_tokens=0)).encode(), 400, "max_tokens"),
+    ("seed past 64 bits", json.dumps(with_(seed=2**64)).encode(), 400, "seed"),
     ("max_tokens over limit", json.dumps(with_(max_tokens=65)).encode(), 400, "limit of 64"),
     (
         "prompt too long",
