@@ -30,16 +30,14 @@ class RouterReplica:
 
     def __init__(self) -> None:
         self.router: TwoStepRouter | None = None
-        self.embedder: Any = None
-        self.embedder_name = ""
+        self.embedder: LazyEmbedder | None = None
         self.reconfigurations = 0
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         settings = parse_config(config)
-        if settings.router.embedder != self.embedder_name:
+        if self.embedder is None or self.embedder.name != settings.router.embedder:
             # Loaded on first use: a one-category config never embeds a prompt.
             self.embedder = LazyEmbedder(settings.router.embedder)
-            self.embedder_name = settings.router.embedder
         self.router = build_router(settings, self.embedder)
         batched: Any = self.route  # serve.batch adds the setters at run time
         batched.set_max_batch_size(settings.router.max_batch_size)
