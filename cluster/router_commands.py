@@ -50,6 +50,7 @@ def _embedder(name: str) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from router.features import TEXT_KIND, TextClassifier
     from router.training import train_classifier
+    from router.vote_classifier import NeighbourVoteClassifier, fit_neighbour_vote_classifier
 
     data = _labelled(args.data)
     _say(f"{len(data)} labelled prompts in {len(data.categories)} categories from {args.data}")
@@ -59,6 +60,13 @@ def _train(args: argparse.Namespace) -> int:
     classifier: Any
     if args.kind == TEXT_KIND:
         classifier = TextClassifier(seed=args.seed).fit(data.texts, vectors, data.labels)
+    elif args.kind == NeighbourVoteClassifier.kind:
+        try:
+            classifier = fit_neighbour_vote_classifier(
+                data.texts, vectors, data.labels, seed=args.seed, progress=_say
+            )
+        except ValueError as error:
+            raise CommandInputError(f"{args.data}: {error}") from None
     else:
         classifier = train_classifier(args.kind, vectors, data.labels, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,7 @@ def confusion(truth: list[str], predicted: list[str], categories: list[str]) -> 
 
 def _eval(args: argparse.Namespace) -> int:
     from router.features import TextClassifier, load_router_classifier
+    from router.vote_classifier import NeighbourVoteClassifier
 
     try:
         classifier = load_router_classifier(args.classifier)
@@ -90,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"{args.data} has categories the classifier does not know: {unknown}"
         )
     vectors = _embedder(trained_embedder(args.classifier) or MINILM).embed(data.texts)
-    if isinstance(classifier, TextClassifier):
+    if isinstance(classifier, (TextClassifier, NeighbourVoteClassifier)):
         probabilities = classifier.predict_proba_texts(data.texts, vectors)
     else:
         probabilities = classifier.predict_proba(vectors)
@@ -256,8 +265,12 @@ def add_router_commands(commands: Any) -> None:
     train.add_argument(
         "--kind",
         default="logreg",
-        choices=("logreg", "knn", "centroid", "text-logreg"),
-        help="classifier; text-logreg adds word n-grams to the embedding (the most accurate)",
+        choices=("logreg", "knn", "centroid", "text-logreg", "text-logreg+votes"),
+        help=(
+            "classifier; text-logreg adds word n-grams to the embedding; text-logreg+votes "
+            "mixes it with the categories of the nearest training prompts (the most "
+            "accurate; fits the classifier once per cross-validation fold to weigh the votes)"
+        ),
     )
     train.add_argument("--seed", type=int, default=0, help="calibration split seed")
     train.add_argument(

@@ -18,6 +18,7 @@ from router.features import TextClassifier, load_router_classifier
 from router.mapping import CategoryMap
 from router.score_table import ScoreTable
 from router.two_step import TwoStepRouter
+from router.vote_classifier import NeighbourVoteClassifier
 
 
 def expert_checkpoint(expert: ExpertSettings, config: CoEConfig) -> Path:
@@ -136,7 +137,7 @@ def trained_classifier(config: CoEConfig, embedder: Embedder) -> Any:
             )
         examples = list(category.examples)
         vectors = embedder.embed(examples)
-        if isinstance(classifier, TextClassifier):  # it reads the text next to the vectors
+        if isinstance(classifier, (TextClassifier, NeighbourVoteClassifier)):  # reads the text
             classifier = classifier.with_category(name, examples, vectors)
         else:
             classifier = classifier.with_category(name, vectors)

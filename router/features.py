@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,6 +31,9 @@ from router.classifier import (
     read_saved,
     softmax,
 )
+
+if TYPE_CHECKING:
+    from router.vote_classifier import NeighbourVoteClassifier
 
 TEXT_KIND = "text-logreg"
 VOCABULARY_FILE = "vocabulary.json"
@@ -54,7 +57,16 @@ class TfidfFeatures:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         min_df = self.min_df if len(texts) >= 2 * self.min_df else 1
-        fitted = TfidfVectorizer(ngram_range=(1, self.ngram_max), min_df=min_df).fit(texts)
+        try:
+            fitted = TfidfVectorizer(ngram_range=(1, self.ngram_max), min_df=min_df).fit(texts)
+        except ValueError:
+            # A few short prompts may share no word: keep every word rather than none.
+            try:
+                fitted = TfidfVectorizer(ngram_range=(1, self.ngram_max), min_df=1).fit(texts)
+            except ValueError:
+                raise ValueError(
+                    "the training prompts hold no word of two or more letters to weigh"
+                ) from None
         self.vocabulary = {str(term): int(i) for term, i in fitted.vocabulary_.items()}
         self.idf = np.asarray(fitted.idf_, dtype=np.float64)
         self._counter = None
@@ -324,9 +336,16 @@ def load_text_classifier(directory: Path) -> TextClassifier:
     return loaded
 
 
-def load_router_classifier(directory: Path) -> TrainableClassifier | TextClassifier:
-    """Whatever kind of classifier was saved in `directory`."""
+def load_router_classifier(
+    directory: Path,
+) -> TrainableClassifier | TextClassifier | NeighbourVoteClassifier:
+    """Whatever kind of classifier was saved in `directory`, with its neighbour votes."""
+    from router.vote_classifier import has_neighbour_votes, load_neighbour_votes
+
     meta, _ = read_saved(directory)
     if meta["kind"] == TEXT_KIND:
-        return load_text_classifier(directory)
+        text_classifier = load_text_classifier(directory)
+        if has_neighbour_votes(directory):
+            return load_neighbour_votes(directory, text_classifier)
+        return text_classifier
     return load_classifier(directory)

@@ -100,12 +100,20 @@ def test_soft_routing_prices_parameters() -> None:
     assert decision.expected_quality is not None
 
 
-def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path) -> None:
+@pytest.mark.parametrize("votes", [False, True], ids=["text-logreg", "text-logreg+votes"])
+def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path, votes: bool) -> None:
     from router.features import TextClassifier
+    from router.vote_classifier import NeighbourVoteClassifier, fit_neighbour_vote_classifier
 
     texts = ["sum", "integral sum", "sum it", "python", "code", "python code"]
     labels = ["math"] * 3 + ["code"] * 3
-    TextClassifier(min_df=1).fit(texts, EMBEDDER.embed(texts), labels).save(tmp_path / "text")
+    vectors = EMBEDDER.embed(texts)
+    trained = (
+        fit_neighbour_vote_classifier(texts, vectors, labels)
+        if votes
+        else TextClassifier(min_df=1).fit(texts, vectors, labels)
+    )
+    trained.save(tmp_path / "text")
     data = config_data(classifier="trained", artifact=str(tmp_path / "text"))
     data["categories"] = [
         {"name": "math"},
@@ -114,6 +122,7 @@ def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path) -> None:
     ]
     data["category_map"]["writing"] = "poet"
     router = build_router(parse_config(data), EMBEDDER)
+    assert isinstance(router.classifier, NeighbourVoteClassifier) == votes
     assert router.route("write a poem and a story").expert == "poet"
     assert router.route("python code please").expert == "coder"
 

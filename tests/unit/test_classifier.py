@@ -257,3 +257,13 @@ def test_train_classifier_rejects_bad_arguments() -> None:
         train_classifier("logreg", vectors, labels, calibration_fraction=1.0)
     with pytest.raises(ValueError, match="unknown classifier kind"):
         train_classifier("svm", vectors, labels)
+
+
+def test_tfidf_keeps_every_word_when_no_word_is_shared() -> None:
+    from router.features import TfidfFeatures
+
+    texts = ["sum two numbers", "python code", "integrate this", "sort a list"]
+    words = TfidfFeatures(min_df=2).fit(texts)
+    assert {"sum", "python", "sort"} <= set(words.vocabulary)
+    with pytest.raises(ValueError, match="no word of two or more letters"):
+        TfidfFeatures().fit(["? !", "1 + 2", "= ="])

@@ -32,14 +32,13 @@ def labelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["centroid", "logreg", "text-logreg"])
+@pytest.mark.parametrize("kind", ["centroid", "logreg", "text-logreg", "text-logreg+votes"])
 def test_train_then_eval(
     kind: str, labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "router"
     assert (
-        main(["router", "train", "--data", str(labelled), "--out", str(out), "--kind", "centroid"])
-        == 0
+        main(["router", "train", "--data", str(labelled), "--out", str(out), "--kind", kind]) == 0
     )
     report = tmp_path / "eval.json"
     assert (
