@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,10 +33,29 @@ QUESTION = {
 }
 
 
+# Ports handed to servers started here come from below the kernel's ephemeral range
+# (32768-60999 on Linux) and above Ray's worker ports (10002-19999). A port the kernel
+# hands out could be taken, between the probe and the server's bind, by any outgoing
+# connection or by a Ray component that asks for port 0, as Ray's start-up makes many.
+_SERVER_PORTS = range(20000, 32768)
+
+
+# How `coe serve` says it is ready ("... already in use" must not match).
+READY_LINE = "[coe] ready in "
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nobody is bound to right now, outside the ranges others draw from."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(_SERVER_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_SERVER_PORTS}")
 
 
 def session_memory(session_id: int) -> dict[str, int]:
@@ -79,7 +99,7 @@ def measure(cold: bool, timeout_s: float) -> dict[str, Any]:
     ready_s = None
     for line in process.stdout:
         print(line, end="", file=sys.stderr)
-        if "ready in" in line:
+        if line.startswith(READY_LINE):
             ready_s = time.monotonic() - started
             break
         if time.monotonic() - started > timeout_s:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
-from cluster.config import CoEConfig
+from cluster.config import CoEConfig, ServeSettings
 
 Say = Callable[[str], None]
 
@@ -33,9 +34,44 @@ def _deployment_states(app_name: str) -> str:
     return f"{app.status.value}: " + ", ".join(parts)
 
 
+def port_is_taken(host: str, port: int) -> bool:
+    """Whether binding `host`:`port` fails now, as the proxy's bind would.
+
+    SO_REUSEADDR as the HTTP server sets it, so a port left in TIME_WAIT counts as free.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(settings: ServeSettings) -> list[str]:
+    """One line per configured port something else already holds."""
+    wanted = [("HTTP", settings.port, "--port or serve.port")]
+    if settings.grpc_port is not None:
+        wanted.append(("gRPC", settings.grpc_port, "serve.grpc_port"))
+    return [
+        f"the {kind} port {port} on {settings.host} is already in use; stop what holds it "
+        f"or choose another ({option})"
+        for kind, port, option in wanted
+        if port_is_taken(settings.host, port)
+    ]
+
+
 def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0) -> int:
-    """Run until interrupted; return a process exit code."""
+    """Run until interrupted; return a process exit code (2: nothing could start)."""
     started = time.monotonic()
+    # Before any work: otherwise the proxy's bind fails only once the weights are checked
+    # and Ray is up, as an OSError in the proxy actor's log.
+    taken = taken_ports(config.serve)
+    for line in taken:
+        say(f"error: {line}")
+    if taken:
+        return 2
     from cluster.setup_steps import prepare_checkpoints
 
     checkpoints = prepare_checkpoints(config, progress=say)

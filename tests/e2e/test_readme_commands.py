@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from benchmarks.startup import READY_LINE
 from cluster.config import load_config
 from cluster.runner import remove_arena
 from tests.conftest import DEMO_CONFIG, free_port
@@ -29,7 +30,7 @@ def test_make_serve_answers_and_shuts_down_on_ctrl_c() -> None:
     port = free_port()
     server = Process(["make", "serve", f"PORT={port}"])
     try:
-        ready = server.wait_for("ready in", timeout_s=900)
+        ready = server.wait_for(READY_LINE, timeout_s=900)
         assert f"http://127.0.0.1:{port}" in ready
         server.wait_for("curl -s", timeout_s=10)
         response = httpx.post(
