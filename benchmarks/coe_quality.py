@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from router.embed_cache import CachedEmbedder, default_cache_dir
     from router.embedder import MiniLMEmbedder
 
-    embedder = CachedEmbedder(MiniLMEmbedder(), args.cache_dir)
+    embedder = CachedEmbedder(MiniLMEmbedder(), args.cache_dir, progress=log)
     settings = Settings(args.classifier, args.folds, args.seed, args.mode, args.subcategories)
     cache_dir = None if args.no_prediction_cache else (args.cache_dir or default_cache_dir())
     result = run_benchmark(train, test, args.budget_b, embedder, settings, cache_dir=cache_dir)

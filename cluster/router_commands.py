@@ -44,7 +44,7 @@ def _embedder(name: str) -> Any:
     except ValueError as error:
         raise CommandInputError(str(error)) from None
     # Embeddings are cached on disk by content hash: re-running on the same prompts is fast.
-    return CachedEmbedder(embedder)
+    return CachedEmbedder(embedder, progress=_say)
 
 
 def _train(args: argparse.Namespace) -> int:

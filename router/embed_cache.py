@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,16 @@ class CachedEmbedder:
         embedder: Embedder,
         cache_dir: Path | None = None,
         namespace: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        chunk_size: int = 512,
     ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.embedder = embedder
+        # New texts are embedded and stored `chunk_size` at a time: a long cold run
+        # reports as it goes, and an interrupted one keeps the chunks it finished.
+        self.progress = progress
+        self.chunk_size = chunk_size
         self.dimension = embedder.dimension
         self.namespace = namespace or embedder_namespace(embedder)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.namespace)
@@ -70,15 +78,19 @@ class CachedEmbedder:
                 missing[key] = text
         self.misses += len(missing)
         self.hits += len(texts) - len(missing)
-        if missing:
-            fresh = np.asarray(self.embedder.embed(list(missing.values())), dtype=np.float32)
-            if fresh.shape != (len(missing), self.dimension):
-                raise ValueError(
-                    f"embedder returned shape {fresh.shape}, "
-                    f"expected {(len(missing), self.dimension)}"
-                )
-            self._write_shard(list(missing), fresh)
-            known.update(zip(missing, fresh, strict=True))
+        pending = list(missing.items())
+        for start in range(0, len(pending), self.chunk_size):
+            chunk = pending[start : start + self.chunk_size]
+            chunk_keys = [key for key, _ in chunk]
+            fresh = np.asarray(self.embedder.embed([text for _, text in chunk]), dtype=np.float32)
+            expected = (len(chunk), self.dimension)
+            if fresh.shape != expected:
+                raise ValueError(f"embedder returned shape {fresh.shape}, expected {expected}")
+            self._write_shard(chunk_keys, fresh)
+            known.update(zip(chunk_keys, fresh, strict=True))
+            if self.progress is not None:
+                done = start + len(chunk)
+                self.progress(f"embedded {done}/{len(pending)} new texts (cached from now on)")
         return np.stack([known[key] for key in keys])
 
     def _load(self) -> dict[str, np.ndarray]:

@@ -178,6 +178,33 @@ def test_embedding_cache_reuses_vectors_by_content(tmp_path: Path) -> None:
     assert not math.isnan(float(first.sum()))
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_embedding_cache_reports_and_keeps_each_chunk(tmp_path: Path) -> None:
+    lines: list[str] = []
+    texts = [f"sum number {i}" for i in range(5)]
+    cached = CachedEmbedder(EMBEDDER, tmp_path, "keywords", progress=lines.append, chunk_size=2)
+    vectors = cached.embed(texts)
+    assert np.allclose(vectors, EMBEDDER.embed(texts))
+    assert lines == [f"embedded {n}/5 new texts (cached from now on)" for n in (2, 4, 5)]
+
+    def fail_on_third_chunk(line: str) -> None:
+        if line.startswith("embedded 6/"):
+            raise Interrupted
+
+    more = [f"tort case {i}" for i in range(7)]
+    interrupted = CachedEmbedder(EMBEDDER, tmp_path, "keywords", fail_on_third_chunk, 3)
+    with pytest.raises(Interrupted):
+        interrupted.embed(more)
+    resumed = CachedEmbedder(EMBEDDER, tmp_path, "keywords")
+    resumed.embed(more)
+    assert resumed.misses == 1  # the two chunks written before the interruption are kept
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        CachedEmbedder(EMBEDDER, tmp_path, chunk_size=0)
+
+
 def test_default_mode_is_soft_knn_and_reruns_read_cached_predictions(
     split_dirs: tuple[Path, Path], tmp_path: Path
 ) -> None:
