@@ -439,9 +439,11 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
             )
         model.max_seq_length = args.max_seq_length
     if args.classifier is not None:
-        from router.classifier import load_classifier
+        from router.features import load_router_classifier
 
-        classifier: Any = load_classifier(args.classifier)
+        classifier: Any = load_router_classifier(
+            args.classifier
+        )  # any kind `coe router train` saves
     else:
         classifier = train_default_classifier(
             embedder, args.mmlu_pro, args.train_per_category, args.seed, args.classifier_kind

@@ -57,12 +57,18 @@ def _dense_rows(matrix: Any, start: int, stop: int) -> np.ndarray:
 
 
 def nearest_neighbours(
-    queries: Any, references: Any, k: int, exclude_self: bool = False
+    queries: Any,
+    references: Any,
+    k: int,
+    exclude_self: bool = False,
+    transposed: Any = None,
 ) -> NeighbourIndex:
     """Top-k references by cosine similarity for each query (dense arrays or scipy sparse).
 
     exclude_self: queries ARE the references (same rows, same order); a row never
     counts as its own neighbour, so the votes of training rows are leave-one-out.
+    transposed: `references.T` made once by a caller that asks again and again (for a
+    sparse matrix, in CSR: transposing costs more than one query's product).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -79,7 +85,8 @@ def nearest_neighbours(
     if available < 1:
         raise ValueError("need at least one reference row besides the query itself")
     depth = min(k, available)
-    transposed = references.T
+    if transposed is None:
+        transposed = references.T
     indices = np.zeros((n_queries, depth), dtype=np.int64)
     similarities = np.zeros((n_queries, depth), dtype=np.float64)
     for start in range(0, n_queries, _CHUNK):

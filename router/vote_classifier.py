@@ -78,6 +78,8 @@ class NeighbourVoteClassifier:
         self.reference_vectors = np.asarray(reference_vectors, dtype=np.float32)
         self.reference_words = sp.csr_matrix(reference_words)
         self.reference_targets = np.asarray(reference_targets, dtype=np.int64)
+        # (terms, references) in CSR: a query's similarities are a product with it.
+        self._words_by_term = sp.csr_matrix(self.reference_words.T)
 
     @property
     def categories(self) -> list[str]:
@@ -91,9 +93,19 @@ class NeighbourVoteClassifier:
         log_p = np.log(np.clip(self.classifier.predict_proba_texts(texts, vectors), 1e-12, None))
         depth = min(self.mixture.k, len(self.reference_targets))
         by_vector = nearest_neighbours(_unit_rows(vectors), self.reference_vectors, depth)
-        words = self.classifier.tfidf.transform(texts)
-        by_words = nearest_neighbours(words, self.reference_words, depth)
+        by_words = nearest_neighbours(
+            self._word_rows(texts), self.reference_words, depth, transposed=self._words_by_term
+        )
         return self.mixture.probabilities(log_p, [by_vector, by_words], self.reference_targets)
+
+    def _word_rows(self, texts: list[str]) -> sp.csr_matrix:
+        tfidf = self.classifier.tfidf
+        if len(texts) != 1:
+            return tfidf.transform(texts)
+        # One prompt, the route path: without scikit-learn's vectoriser machinery.
+        columns, values = tfidf.term_weights(texts[0])
+        rows = np.zeros(len(columns), dtype=np.int64)
+        return sp.csr_matrix((values, (rows, columns)), shape=(1, tfidf.size))
 
     def with_category(
         self, name: str, example_texts: list[str], example_vectors: np.ndarray

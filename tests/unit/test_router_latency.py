@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import router_latency
 from router.classifier import CentroidClassifier
+from router.vote_classifier import fit_neighbour_vote_classifier
 from tests.unit.fakes import KeywordEmbedder
 from tests.unit.test_mmlu_pro import write_synthetic_dataset
 
@@ -40,13 +41,17 @@ def prompt_files(tmp_path: Path) -> list[Path]:
     return [short, long]
 
 
-@pytest.fixture
-def classifier_dir(tmp_path: Path) -> Path:
-    classifier = CentroidClassifier(0.1).fit(
-        EMBEDDER.embed(["sum", "python", "poem"]), ["math", "code", "writing"]
-    )
-    directory = tmp_path / "classifier"
-    classifier.save(directory)
+@pytest.fixture(params=["centroid", "text-logreg+votes"])
+def classifier_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    directory = tmp_path / request.param  # named by the kind the benchmark should report
+    if request.param == "centroid":
+        CentroidClassifier(0.1).fit(
+            EMBEDDER.embed(["sum", "python", "poem"]), ["math", "code", "writing"]
+        ).save(directory)
+    else:  # any kind `coe router train` saves is read
+        texts = ["sum it", "a sum", "python code", "code python", "a poem", "poem it"]
+        labels = ["math", "math", "code", "code", "writing", "writing"]
+        fit_neighbour_vote_classifier(texts, EMBEDDER.embed(texts), labels).save(directory)
     return directory
 
 
@@ -72,7 +77,7 @@ def test_smoke_run_writes_every_key(
     assert set(results["per_file"]) == {"short.jsonl", "long.jsonl"}
     assert results["per_file"]["short.jsonl"]["single_prompts"] == 5
     assert results["settings"]["batch_prompts"] == 15
-    assert results["settings"]["classifier"] == "centroid"
+    assert results["settings"]["classifier"] == classifier_dir.name
     assert "router overhead" in capsys.readouterr().out
 
 

@@ -42,6 +42,13 @@ def test_fit_predict_save_load_round_trip(fitted: NeighbourVoteClassifier, tmp_p
     assert np.allclose(loaded.predict_proba_texts(test_texts, test_vectors), probabilities)
 
 
+def test_one_prompt_path_agrees_with_the_batch_path(fitted: NeighbourVoteClassifier) -> None:
+    texts, vectors, _ = text_data(4, seed=2)
+    batch = fitted.predict_proba_texts(texts, vectors)
+    one_by_one = [fitted.predict_proba_texts([t], vectors[i : i + 1]) for i, t in enumerate(texts)]
+    assert np.allclose(np.vstack(one_by_one), batch)
+
+
 def test_votes_of_the_nearest_prompt_decide_when_weighted_alone() -> None:
     texts, vectors, labels = text_data(20, seed=0)
     classifier = TextClassifier(min_df=1).fit(texts, vectors, labels)
