@@ -11,7 +11,9 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SOURCE_MARKER = "coe-source.json"
@@ -89,6 +91,32 @@ def read_source_marker(directory: Path) -> dict[str, str] | None:
     return data if isinstance(data, dict) else None
 
 
+@contextmanager
+def gguf_read_into_memory() -> Iterator[None]:
+    """While active, gguf's reader reads a file into one plain array instead of mapping it.
+
+    The reader slices its np.memmap once per metadata value, and a memmap's Python-level
+    __getitem__ and __array_finalize__ run on every slice: for a 262k-token vocabulary
+    that is millions of calls, most of a conversion's time. A plain array holds the
+    same bytes (the whole file in memory: a few hundred MB for the demo models).
+    """
+    import numpy as np
+
+    try:
+        import gguf.gguf_reader as reader
+    except ImportError:  # transformers then fails with its own message
+        yield
+        return
+    mapped = reader.np
+    plain = types.SimpleNamespace(**vars(mapped))
+    plain.memmap = lambda path, mode="r": np.fromfile(path, dtype=np.uint8)
+    reader.np = plain  # type: ignore[assignment]  # a stand-in for the numpy module
+    try:
+        yield
+    finally:
+        reader.np = mapped
+
+
 def convert_gguf(gguf_path: Path, output_dir: Path, sha256: str, progress: Progress) -> Path:
     """Dequantise a GGUF file once into a safetensors checkpoint directory.
 
@@ -102,10 +130,11 @@ def convert_gguf(gguf_path: Path, output_dir: Path, sha256: str, progress: Progr
     shutil.rmtree(staging, ignore_errors=True)
     started = time.monotonic()
     progress(f"dequantising {gguf_path.name} (transformers' GGUF loader)")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with gguf_read_into_memory():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     progress(f"dequantised in {time.monotonic() - started:.1f}s; writing safetensors")
     # The GGUF quantiser marks the model as quantised, which blocks saving; the
     # weights are plain float tensors by now, so the marker is dropped.

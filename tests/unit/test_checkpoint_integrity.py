@@ -38,3 +38,39 @@ def test_a_corrupt_header_is_named(tmp_path: Path) -> None:
     path.write_bytes((12).to_bytes(8, "little") + b"not json at!" + b"\0" * 64)
     with pytest.raises(CheckpointError, match="corrupt header"):
         check_weights_complete(tmp_path)
+
+
+def write_small_gguf(path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(50)])
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_read_into_memory_gives_the_same_fields_from_a_plain_array(tmp_path: Path) -> None:
+    import gguf
+    import gguf.gguf_reader
+    import numpy as np
+
+    from actors.checkpoint import gguf_read_into_memory
+
+    path = tmp_path / "small.gguf"
+    write_small_gguf(path)
+    mapped = gguf.GGUFReader(path)
+    with gguf_read_into_memory():
+        plain = gguf.GGUFReader(path)
+    assert isinstance(mapped.data, np.memmap)
+    assert type(plain.data) is np.ndarray  # no per-slice Python hooks
+    assert gguf.gguf_reader.np is np  # put back on exit
+    tokens = plain.fields["tokenizer.ggml.tokens"]
+    assert [bytes(tokens.parts[i]).decode() for i in tokens.data] == [f"tok{i}" for i in range(50)]
+    assert plain.fields.keys() == mapped.fields.keys()
+    assert np.array_equal(plain.tensors[0].data, mapped.tensors[0].data)
+    assert np.array_equal(plain.tensors[0].data.reshape(3, 4), np.arange(12).reshape(3, 4))
