@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity skew s (0: uniform)")
     parser.add_argument("--k", type=int, default=3, help="multiplex: models per replica")
+    parser.add_argument(
+        "--active-slots",
+        type=int,
+        default=None,
+        help="coe: experts that may execute at once (default: as many as --hbm-experts)",
+    )
     parser.add_argument("--rate", type=float, default=1.0, help="offered load, requests/s")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load each")
     parser.add_argument("--slo-s", type=float, default=6.0, help="total-latency SLO (goodput)")
@@ -119,7 +125,9 @@ def ratios(systems: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 def plan_compare(args: argparse.Namespace) -> tuple[Scenario, workload.Workload]:
     """Everything that can fail on bad input, before anything starts."""
     prompts = workload.load_prompts(args.prompts or workload.default_prompt_files())
-    scenario = demo_scenario(args.experts, args.hbm_experts, say, max_models=args.k)
+    scenario = demo_scenario(
+        args.experts, args.hbm_experts, say, max_models=args.k, active_slots=args.active_slots
+    )
     plan = workload.open_loop(
         prompts,
         scenario.names,
@@ -170,6 +178,7 @@ def run_compare(
         "scenario": {
             "experts": args.experts,
             "hbm_experts": args.hbm_experts,
+            "active_slots": scenario.active_slots or scenario.hbm_experts,
             "zipf_s": args.zipf,
             "k": args.k,
             "rate_rps": args.rate,

@@ -50,6 +50,9 @@ class Scenario:
     copies_dir: Path  # where each expert's own copy lives (see expert_checkpoints)
     params_b: float = 0.135
     max_models: int = 3  # K of the multiplex baseline
+    # Experts of `coe` that may execute at once (tiers.active_slots). None: every expert
+    # the arena holds, since a CPU has no SRAM to bound that number.
+    active_slots: int | None = None
     # Each expert deployment's autoscaling (cluster.config.AutoscalingSettings fields).
     autoscaling: tuple[tuple[str, Any], ...] = (
         ("policy", "coe"),
@@ -64,6 +67,8 @@ class Scenario:
             raise ValueError(f"hbm_experts must be in [1, {self.experts}], got {self.hbm_experts}")
         if self.max_models < 1:
             raise ValueError(f"max_models (K) must be >= 1, got {self.max_models}")
+        if self.active_slots is not None and self.active_slots < 1:
+            raise ValueError(f"active_slots must be >= 1, got {self.active_slots}")
 
     @property
     def names(self) -> list[str]:
@@ -103,7 +108,7 @@ class Scenario:
                     "hbm_budget_bytes": self.hbm_budget_bytes,
                     "eviction": "lru",
                     "pinned": [],
-                    "active_slots": 2,
+                    "active_slots": self.active_slots or self.hbm_experts,
                 },
                 "serve": {"app_name": APP_NAME, "ingress_num_cpus": 0},
             },

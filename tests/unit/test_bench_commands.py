@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from benchmarks import compare, load, ramp
 from benchmarks.systems import Scenario, copy_checkpoint
@@ -188,6 +190,17 @@ def test_scenario_budget_holds_its_experts_and_never_one_more(tmp_path: Path) ->
         Scenario(experts=4, hbm_experts=5, checkpoint=source, copies_dir=tmp_path)
     with pytest.raises(ValueError, match="experts must be >= 2"):
         Scenario(experts=1, hbm_experts=1, checkpoint=source, copies_dir=tmp_path)
+
+
+def test_scenario_active_slots_default_to_the_experts_the_arena_holds(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    save_file({"w": torch.zeros(4, 4)}, str(source / "model.safetensors"))  # sizes the budget
+    options = {"experts": 4, "hbm_experts": 2, "checkpoint": source, "copies_dir": tmp_path}
+    assert Scenario(**options).config(tiers=True).tiers.active_slots == 2
+    assert Scenario(**options, active_slots=1).config(tiers=True).tiers.active_slots == 1
+    with pytest.raises(ValueError, match="active_slots must be >= 1, got 0"):
+        Scenario(**options, active_slots=0)
 
 
 def test_checkpoint_copies_are_distinct_files_made_once(tmp_path: Path) -> None:
