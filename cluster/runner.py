@@ -34,32 +34,38 @@ def _deployment_states(app_name: str) -> str:
     return f"{app.status.value}: " + ", ".join(parts)
 
 
-def port_is_taken(host: str, port: int) -> bool:
-    """Whether binding `host`:`port` fails now, as the proxy's bind would.
+def bind_problem(host: str, port: int) -> str | None:
+    """Why binding `host`:`port` fails now, as the proxy's bind would; None if it works.
 
     SO_REUSEADDR as the HTTP server sets it, so a port left in TIME_WAIT counts as free.
+    A host name that does not resolve is left for Serve to report.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except socket.gaierror:
+            return None
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def taken_ports(settings: ServeSettings) -> list[str]:
-    """One line per configured port something else already holds."""
+    """One line per configured port that cannot be bound (another server holds it...)."""
     wanted = [("HTTP", settings.port, "--port or serve.port")]
     if settings.grpc_port is not None:
         wanted.append(("gRPC", settings.grpc_port, "serve.grpc_port"))
-    return [
-        f"the {kind} port {port} on {settings.host} is already in use; stop what holds it "
-        f"or choose another ({option})"
-        for kind, port, option in wanted
-        if port_is_taken(settings.host, port)
-    ]
+    lines = []
+    for kind, port, option in wanted:
+        problem = bind_problem(settings.host, port)
+        if problem is not None:
+            lines.append(
+                f"cannot bind the {kind} port {port} on {settings.host} ({problem}); stop "
+                f"what holds it or choose another ({option})"
+            )
+    return lines
 
 
 def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0) -> int:

@@ -42,7 +42,7 @@ def test_serve_refuses_a_taken_port_before_starting_anything(
         port = holder.getsockname()[1]
         assert main(["serve", "--port", str(port)]) == 2
     out = capsys.readouterr().out
-    assert f"the HTTP port {port} on 127.0.0.1 is already in use" in out
+    assert f"cannot bind the HTTP port {port} on 127.0.0.1 (Address already in use)" in out
     assert "starting Ray" not in out and "[demo]" not in out
 
 
@@ -57,10 +57,16 @@ def test_taken_grpc_port_is_named_and_free_ports_pass() -> None:
         free = free_port()
         problems = taken_ports(ServeSettings(port=free, grpc_port=taken))
     assert problems == [
-        f"the gRPC port {taken} on 127.0.0.1 is already in use; stop what holds it "
-        "or choose another (serve.grpc_port)"
+        f"cannot bind the gRPC port {taken} on 127.0.0.1 (Address already in use); stop "
+        "what holds it or choose another (serve.grpc_port)"
     ]
     assert taken_ports(ServeSettings(port=free)) == []
+
+
+def test_an_unresolvable_host_is_left_for_serve_to_report() -> None:
+    from cluster.runner import bind_problem
+
+    assert bind_problem("no-such-host.invalid", free_port()) is None
 
 
 def test_free_ports_come_from_outside_the_ephemeral_and_ray_ranges() -> None:
