@@ -25,20 +25,26 @@ async def iterate_in_thread(
     queue: asyncio.Queue[object] = asyncio.Queue()
     cancellation = Cancellation()
 
+    def deliver(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            cancellation.cancel()
+
     def produce() -> None:
         iterator = make_iterator(cancellation)
         try:
             for item in iterator:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                deliver(item)
                 if cancellation.cancelled:
                     break
         except BaseException as error:
-            loop.call_soon_threadsafe(queue.put_nowait, error)
+            deliver(error)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()  # runs the iterator's own cleanup (joins its worker)
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            deliver(_DONE)
 
     threading.Thread(target=produce, name="token-stream", daemon=True).start()
     try:

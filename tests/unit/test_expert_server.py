@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -63,6 +65,40 @@ def test_iterate_in_thread_reraises_producer_errors() -> None:
 
     with pytest.raises(RuntimeError, match="device lost"):
         asyncio.run(consume())
+
+
+def test_a_producer_outliving_its_event_loop_ends_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class SlowToClose:
+        """Fails, then cleans up for a while: the consumer's loop is closed by then."""
+
+        def __init__(self, cancellation: Cancellation) -> None:
+            self.sent = False
+
+        def __iter__(self) -> SlowToClose:
+            return self
+
+        def __next__(self) -> int:
+            if self.sent:
+                raise RuntimeError("device lost")
+            self.sent = True
+            return 1
+
+        def close(self) -> None:
+            time.sleep(0.3)
+
+    async def consume() -> list[int]:
+        return [item async for item in iterate_in_thread(SlowToClose)]
+
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(consume())  # the loop closes while the producer still delivers
+    for thread in threading.enumerate():
+        if thread.name == "token-stream":
+            thread.join(timeout=5)
+    assert errors == []
 
 
 @pytest.mark.parametrize(
