@@ -55,7 +55,6 @@ from router.budget_tuning import (
 )
 from router.calibration import fit_power_temperature, power_softmax
 from router.category_evidence import (
-    NEIGHBOUR_KS,
     class_label,
     class_predictions,
     neighbour_indexes,
@@ -64,7 +63,7 @@ from router.category_evidence import (
 from router.embedder import Embedder
 from router.features import TextClassifier
 from router.mmlu_pro import DatasetError, MMLUProData, load_dataset
-from router.neighbour_votes import VoteMixture, fit_vote_mixture
+from router.neighbour_votes import NEIGHBOUR_KS, VoteMixture, fit_vote_mixture
 
 MODES = ("hard", "hard-predicted", "soft", "soft-knn")
 CLASSIFIER, MIXED = "classifier", "classifier+knn"

@@ -441,9 +441,8 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
     if args.classifier is not None:
         from router.features import load_router_classifier
 
-        classifier: Any = load_router_classifier(
-            args.classifier
-        )  # any kind `coe router train` saves
+        # Any kind `coe router train` saves.
+        classifier: Any = load_router_classifier(args.classifier)
     else:
         classifier = train_default_classifier(
             embedder, args.mmlu_pro, args.train_per_category, args.seed, args.classifier_kind

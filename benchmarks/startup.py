@@ -33,15 +33,15 @@ QUESTION = {
 }
 
 
+# How `coe serve` says it is ready ("... already in use" must not match).
+READY_LINE = "[coe] ready in "
+
+
 # Ports handed to servers started here come from below the kernel's ephemeral range
 # (32768-60999 on Linux) and above Ray's worker ports (10002-19999). A port the kernel
 # hands out could be taken, between the probe and the server's bind, by any outgoing
 # connection or by a Ray component that asks for port 0, as Ray's start-up makes many.
 _SERVER_PORTS = range(20000, 32768)
-
-
-# How `coe serve` says it is ready ("... already in use" must not match).
-READY_LINE = "[coe] ready in "
 
 
 def free_port() -> int:

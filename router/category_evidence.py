@@ -23,7 +23,7 @@ import numpy as np
 
 from router.classifier import make_classifier
 from router.features import TextClassifier, TfidfFeatures
-from router.neighbour_votes import NeighbourIndex, nearest_neighbours
+from router.neighbour_votes import NEIGHBOUR_KS, NeighbourIndex, nearest_neighbours, unit_rows
 from router.out_of_fold import (
     FoldPredictions,
     PredictionCache,
@@ -32,8 +32,6 @@ from router.out_of_fold import (
     stratified_folds,
 )
 
-# The deepest neighbour list any vote mixture may ask for.
-NEIGHBOUR_KS = (10, 20, 40)
 PREDICTION_CACHE_FOLDER = "coe_quality"
 
 
@@ -112,11 +110,6 @@ def class_predictions(
     return predictions, False
 
 
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float64)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def neighbour_indexes(
     train_texts: list[str],
     train_vectors: np.ndarray,
@@ -127,7 +120,7 @@ def neighbour_indexes(
     """[by embedding, by TF-IDF] neighbours among the train rows, for train and test rows."""
     words = TfidfFeatures().fit(train_texts)
     sources = [
-        (_unit_rows(train_vectors), _unit_rows(test_vectors)),
+        (unit_rows(train_vectors), unit_rows(test_vectors)),
         (words.transform(train_texts), words.transform(test_texts)),
     ]
     train_indexes = [nearest_neighbours(t, t, depth, exclude_self=True) for t, _ in sources]

@@ -35,6 +35,14 @@ from router.calibration import fit_power_temperature, power_softmax
 _CHUNK = 1024
 # A class no neighbour voted for keeps this much vote, so one source cannot veto it.
 VOTE_FLOOR = 1e-2
+# The numbers of neighbours a vote mixture may weigh; indexes are built max() deep.
+NEIGHBOUR_KS = (10, 20, 40)
+
+
+def unit_rows(vectors: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero), as cosine neighbours need."""
+    vectors = np.asarray(vectors, dtype=dtype)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ def fit_vote_mixture(
     classifier_log_probabilities: np.ndarray,
     indexes: Sequence[NeighbourIndex],
     targets: np.ndarray,
-    ks: Sequence[int] = (10, 20, 40),
+    ks: Sequence[int] = NEIGHBOUR_KS,
     sharpnesses: Sequence[float] = (0.02, 0.05, 0.1),
     weight_step: float = 0.1,
     max_vote_share: float = 0.9,

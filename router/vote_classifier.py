@@ -27,17 +27,17 @@ import scipy.sparse as sp
 
 from router.classifier import ClassifierLoadError, _label_indices
 from router.features import TextClassifier
-from router.neighbour_votes import VoteMixture, fit_vote_mixture, nearest_neighbours
+from router.neighbour_votes import (
+    NEIGHBOUR_KS,
+    VoteMixture,
+    fit_vote_mixture,
+    nearest_neighbours,
+    unit_rows,
+)
 from router.out_of_fold import predict_folds, stratified_folds
 
 VOTES_META_FILE = "neighbour_votes.json"
 VOTES_ARRAYS_FILE = "neighbour_votes.npz"
-NEIGHBOUR_KS = (10, 20, 40)
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 class NeighbourVoteClassifier:
@@ -85,14 +85,12 @@ class NeighbourVoteClassifier:
     def categories(self) -> list[str]:
         return self.classifier.categories
 
-    @property
-    def temperature(self) -> float:
-        return self.mixture.temperature
-
     def predict_proba_texts(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
         log_p = np.log(np.clip(self.classifier.predict_proba_texts(texts, vectors), 1e-12, None))
         depth = min(self.mixture.k, len(self.reference_targets))
-        by_vector = nearest_neighbours(_unit_rows(vectors), self.reference_vectors, depth)
+        by_vector = nearest_neighbours(
+            unit_rows(vectors, np.float32), self.reference_vectors, depth
+        )
         by_words = nearest_neighbours(
             self._word_rows(texts), self.reference_words, depth, transposed=self._words_by_term
         )
@@ -116,7 +114,7 @@ class NeighbourVoteClassifier:
         return NeighbourVoteClassifier(
             extended,
             self.mixture,
-            np.vstack([self.reference_vectors, _unit_rows(example_vectors)]),
+            np.vstack([self.reference_vectors, unit_rows(example_vectors, np.float32)]),
             sp.csr_matrix(
                 sp.vstack(
                     [self.reference_words, self.classifier.tfidf.transform(example_texts)],
@@ -231,7 +229,7 @@ def fit_neighbour_vote_classifier(
     )
     classifier = fitted[-1]
     progress("nearest training prompts by embedding and by TF-IDF (leave-one-out)")
-    unit = _unit_rows(vectors)
+    unit = unit_rows(vectors, np.float32)
     words = classifier.tfidf.transform(texts)
     depth = max(NEIGHBOUR_KS)
     indexes = [
