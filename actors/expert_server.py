@@ -6,11 +6,12 @@ deployment. The memory tiers will slot in here (lease, switch, active slot).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from actors.batching import BatchJob
 from actors.engine import (
     Cancellation,
     ChatMessage,
@@ -81,6 +82,40 @@ class ExpertServer:
         self, request: GenerationRequest, cancellation: Cancellation | None = None
     ) -> Iterator[StreamChunk]:
         return self.engine.stream(self._with_instructions(request), cancellation)
+
+    def run_batch(self, jobs: Sequence[BatchJob]) -> None:
+        """Answer a batch (blocking; call it on a worker thread). Several jobs decode as
+        one batch when the engine can (`stream_batch`), else one after another."""
+        prepared = [replace(job, request=self._with_instructions(job.request)) for job in jobs]
+        stream_batch = getattr(self.engine, "stream_batch", None)
+        if len(prepared) > 1 and stream_batch is not None:
+            stream_batch(prepared)
+            return
+        for job in prepared:
+            self._run_alone(job)
+
+    def _run_alone(self, job: BatchJob) -> None:
+        if not job.stream:
+            result = self.engine.generate(job.request)
+            job.emit(
+                StreamChunk(
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                )
+            )
+            return
+        chunks = self.engine.stream(job.request, job.cancellation)
+        try:
+            for chunk in chunks:
+                job.emit(chunk)
+                if job.cancellation.cancelled:
+                    break
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # the engine's own cleanup: it joins its generation thread
 
     def close(self) -> None:
         self.engine.close()

@@ -3,13 +3,15 @@
 One generation runs at a time per engine (the lock is the device's active slot);
 Serve queues the rest. Streaming runs `generate` on a worker thread that feeds a
 `TextIteratorStreamer`; a cancelled stream stops generation at the next token.
+`stream_batch` decodes several requests in one `generate` call (see
+`actors/batching.py` for which requests are batched).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from actors.batch_rows import BatchRows
+from actors.batching import BatchJob, batch_key
 from actors.checkpoint import validate_checkpoint
 from actors.engine import (
     Cancellation,
@@ -101,16 +105,23 @@ class TransformersEngine:
             encoded = self.tokenizer(plain_transcript(messages), return_tensors="pt")
         return {key: value.to(self.device) for key, value in encoded.items()}
 
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+
+    @staticmethod
+    def _sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+        if request.samples:
+            return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
     def _generate_kwargs(
         self, request: GenerationRequest, inputs: dict[str, Any]
     ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(inputs)
         kwargs["max_new_tokens"] = request.max_tokens
-        kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-        if request.samples:
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs["pad_token_id"] = self.pad_token_id
+        kwargs.update(self._sampling_kwargs(request))
         stops = self._stops(request)
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
@@ -194,6 +205,57 @@ class TransformersEngine:
             prompt_tokens=prompt_tokens,
             completion_tokens=new_tokens,
         )
+
+    def stream_batch(self, jobs: Sequence[BatchJob]) -> None:
+        """Decode several requests as one left-padded batch, each with its own token
+        budget, stop strings and cancellation; every job's chunks go to its `emit`.
+
+        The jobs must share a batch key (`actors.batching.batch_key`): one sampling
+        setting for the whole batch, and no seeded sampling.
+        """
+        if not jobs:
+            return
+        first = jobs[0].request
+        keys = {batch_key(job.request) for job in jobs}
+        if len(jobs) > 1 and (None in keys or len(keys) > 1):
+            raise ValueError("a batch needs one sampling setting and no seeded sampling")
+        prompts = [self.encode(job.request.messages)["input_ids"][0] for job in jobs]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            # Left padding: every row's next token is at the same position.
+            input_ids[row, width - len(ids) :] = ids
+            attention_mask[row, width - len(ids) :] = 1
+        rows = BatchRows(
+            self.tokenizer,
+            [
+                (job, self._stops(job.request), len(ids))
+                for job, ids in zip(jobs, prompts, strict=True)
+            ],
+            self._eos_ids(),
+        )
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "max_new_tokens": max(job.request.max_tokens for job in jobs),
+            "pad_token_id": self.pad_token_id,
+            "streamer": rows,
+            "stopping_criteria": StoppingCriteriaList([rows]),
+        }
+        kwargs.update(self._sampling_kwargs(first))
+        with self._slot, torch.inference_mode():
+            self._seed(first)
+            self.model.generate(**kwargs)
+        rows.finish()
+
+    def _eos_ids(self) -> frozenset[int]:
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return frozenset()
+        return frozenset([configured] if isinstance(configured, int) else configured)
 
     def close(self) -> None:
         self.model = None

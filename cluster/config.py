@@ -138,6 +138,13 @@ class ExpertSettings(_Strict):
         "transcript for base models that have none.",
     )
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica accepts at once.")
+    max_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Requests of this expert a replica decodes together in one batch (those "
+        "that queued while the last batch ran); 1 turns batching off. A replica holds at most "
+        "max_ongoing_requests requests, so a larger value has no effect.",
+    )
     max_queued_requests: int = Field(
         32,
         ge=1,

@@ -12,14 +12,15 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from actors.async_stream import iterate_in_thread
+from actors.batching import BatchJob, RequestBatcher
 from actors.engine import GenerationRequest, GenerationResult, StreamChunk
 from actors.expert_server import ExpertServer, make_engine
 from actors.tiered_weights import Grant, TieredWeights
@@ -84,6 +85,7 @@ class ExpertReplica:
                 model,
             )
             self.server = ExpertServer(settings.name, engine, settings.system_prompt)
+            self.batcher = RequestBatcher(self._run_batch, settings.max_batch_size)
             await asyncio.to_thread(self.server.warm_up)
         finally:
             if grant is not None:
@@ -136,16 +138,22 @@ class ExpertReplica:
                 self._in_use = False
                 await self._call_placement("release", grant)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def _run_batch(self, jobs: Sequence[BatchJob]) -> None:
+        """One batch under one grant: the lease and the switch are paid once for all."""
         async with self._leased():
-            return await asyncio.to_thread(self.server.generate, request)
+            await asyncio.to_thread(self.server.run_batch, jobs)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = await self.batcher.generate(request)
+        if self.settings.chat_format == "plain":
+            # A base model continues "Assistant:" after a space; a whole answer is
+            # trimmed, as the engine trims the answers it generates alone.
+            result = replace(result, text=result.text.strip())
+        return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        async with self._leased():
-            async for chunk in iterate_in_thread(
-                lambda cancellation: self.server.stream(request, cancellation)
-            ):
-                yield chunk
+        async for chunk in self.batcher.stream(request):
+            yield chunk
 
     def info(self) -> dict[str, Any]:
         engine = self.server.engine
@@ -158,5 +166,8 @@ class ExpertReplica:
             "requests": self.server.requests,
             "tiered": self.weights is not None,
             "rebinds": self.weights.rebinds if self.weights is not None else 0,
+            "batches": self.batcher.batches,
+            "batched_requests": self.batcher.batched_requests,
+            "largest_batch": self.batcher.largest_batch,
             "pid": os.getpid(),
         }

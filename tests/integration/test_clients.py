@@ -77,3 +77,39 @@ def test_each_expert_is_its_own_deployment_with_its_engine(cluster: RunningClust
         expected = "DeepSpeedEngine" if expert.engine == "deepspeed" else "TransformersEngine"
         assert info["engine_class"] == expected
         assert info["parameters"] > 100_000_000
+
+
+def test_concurrent_requests_for_one_expert_decode_as_a_batch(cluster: RunningCluster) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.app import expert_deployment_name
+
+    prompts = [
+        "What is the capital of France?",
+        "Name three primary colours.",
+        "What is 7 times 6?",
+        "Say hello in Spanish.",
+        "What is the largest planet?",
+    ]
+    openai_client = client(cluster)
+
+    def ask(prompt: str) -> str:
+        completion = openai_client.chat.completions.create(
+            model="generalist",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=24,
+        )
+        return completion.choices[0].message.content or ""
+
+    info = serve.get_deployment_handle(expert_deployment_name("generalist"), cluster.app_name).info
+    before = info.remote().result()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    after = info.remote().result()
+    alone = [ask(prompt) for prompt in prompts]
+    # Those that queued behind the first request ran as one batch, and batching changed
+    # no answer: each is what the expert says to that prompt on its own.
+    assert after["largest_batch"] >= 2
+    assert after["batched_requests"] - before["batched_requests"] == len(prompts)
+    assert after["batches"] - before["batches"] < len(prompts)
+    assert together == alone

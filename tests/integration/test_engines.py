@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from actors.batching import BatchJob
 from actors.checkpoint import CheckpointError
 from actors.deepspeed_engine import DeepSpeedEngine, kernel_injection_supported
-from actors.engine import Cancellation, ChatMessage, GenerationRequest
+from actors.engine import Cancellation, ChatMessage, GenerationRequest, StreamChunk
 from actors.expert_server import ExpertServer, make_engine
 from actors.transformers_engine import TransformersEngine
 
@@ -70,6 +72,66 @@ def test_stop_strings_end_the_text(smollm2: TransformersEngine) -> None:
 def test_seeded_sampling_is_reproducible(smollm2: TransformersEngine) -> None:
     request = GenerationRequest(QUESTION, max_tokens=12, temperature=0.9, seed=7)
     assert smollm2.generate(request).text == smollm2.generate(request).text
+
+
+def _collector() -> tuple[list[StreamChunk], Callable[[StreamChunk | BaseException], None]]:
+    chunks: list[StreamChunk] = []
+
+    def emit(item: StreamChunk | BaseException) -> None:
+        assert isinstance(item, StreamChunk), item
+        chunks.append(item)
+
+    return chunks, emit
+
+
+def test_a_batch_answers_each_request_as_it_would_alone(smollm2: TransformersEngine) -> None:
+    requests = [
+        GenerationRequest(QUESTION, max_tokens=20, stop=("Paris",)),
+        GenerationRequest((ChatMessage("user", "Write a haiku about rain."),), max_tokens=12),
+        GenerationRequest((ChatMessage("user", "What is 12 plus 30? Explain."),), max_tokens=3),
+        GenerationRequest(QUESTION, max_tokens=20),
+    ]
+    collected = [_collector() for _ in requests]
+    jobs = [BatchJob(r, emit) for r, (_, emit) in zip(requests, collected, strict=True)]
+    smollm2.stream_batch(jobs)
+    for request, (chunks, _) in zip(requests, collected, strict=True):
+        alone = smollm2.generate(request)
+        last = chunks[-1]
+        assert "".join(c.text for c in chunks) == alone.text
+        assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
+            alone.finish_reason,
+            alone.prompt_tokens,
+            alone.completion_tokens,
+        )
+        assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_a_cancelled_row_stops_while_the_rest_of_its_batch_finishes(
+    smollm2: TransformersEngine,
+) -> None:
+    leaving, staying = Cancellation(), Cancellation()
+    gone: list[StreamChunk] = []
+
+    def leave_after_first_chunk(item: StreamChunk | BaseException) -> None:
+        assert isinstance(item, StreamChunk)
+        gone.append(item)
+        leaving.cancel()
+
+    kept, emit = _collector()
+    long = GenerationRequest((ChatMessage("user", "Tell me a long story."),), max_tokens=40)
+    smollm2.stream_batch(
+        [BatchJob(long, leave_after_first_chunk, leaving), BatchJob(long, emit, staying)]
+    )
+    assert gone[-1].completion_tokens < 10
+    assert kept[-1].completion_tokens == 40 and kept[-1].finish_reason == "length"
+    assert not smollm2._slot.locked()
+
+
+def test_a_batch_with_two_sampling_settings_is_refused(smollm2: TransformersEngine) -> None:
+    _, emit = _collector()
+    hot = GenerationRequest(QUESTION, max_tokens=4, temperature=0.9)
+    with pytest.raises(ValueError, match="one sampling setting"):
+        smollm2.stream_batch([BatchJob(hot, emit), BatchJob(GenerationRequest(QUESTION, 4), emit)])
 
 
 def test_deepspeed_engine_matches_transformers(
