@@ -299,10 +299,32 @@ class RunningSystem:
             device_bytes = scenario.hbm_budget_bytes
         lookups = max(1, switches + hits)
         return {
+            **self.batching(),
             "switches": switches,
             "hbm_hit_rate": hits / lookups,
             "peak_memory_bytes": device_bytes,
             "peak_host_memory_bytes": self.timeline.peak_host_bytes,
+        }
+
+    def batching(self) -> dict[str, Any]:
+        """How the expert replicas batched (warm-up requests included); the multiplex
+        baseline runs every request alone."""
+        from ray import serve
+
+        from cluster.app import expert_deployment_name
+
+        if self.name == "multiplex":
+            return {"batches": None, "batched_requests": None, "largest_batch": 1}
+        infos = [
+            serve.get_deployment_handle(expert_deployment_name(name), APP_NAME)
+            .info.remote()
+            .result(timeout_s=10)
+            for name in self.scenario.names
+        ]
+        return {
+            "batches": sum(i["batches"] for i in infos),
+            "batched_requests": sum(i["batched_requests"] for i in infos),
+            "largest_batch": max(i["largest_batch"] for i in infos),
         }
 
     def stop(self) -> None:

@@ -75,6 +75,11 @@ def test_system_serves_the_harness_and_stops_cleanly(
     assert {o.served_by for o in result.outcomes} <= set(scenario.names)
     assert all(o.served_by == o.expert for o in result.outcomes)
     assert summary["stream_requests"] > 0
+    if name == "multiplex":
+        assert measured["largest_batch"] == 1 and measured["batches"] is None
+    else:  # every request (and each warm-up) went through an expert's batcher
+        assert measured["batched_requests"] >= summary["ok"]
+        assert measured["batches"] <= measured["batched_requests"]
     if name == "coe":
         # Two experts through a device budget of one: the tiers switched.
         assert measured["switches"] >= 2
