@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     StoppingCriteria,
     StoppingCriteriaList,
+    StopStringCriteria,
     TextIteratorStreamer,
 )
 
@@ -122,10 +123,21 @@ class TransformersEngine:
         kwargs["max_new_tokens"] = request.max_tokens
         kwargs["pad_token_id"] = self.pad_token_id
         kwargs.update(self._sampling_kwargs(request))
-        stops = self._stops(request)
-        if stops:
-            kwargs.update(stop_strings=list(stops), tokenizer=self.tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(self._stop_criteria(request))
         return kwargs
+
+    def _stop_criteria(self, request: GenerationRequest) -> list[StoppingCriteria]:
+        """transformers' token-level stop on the request's stop strings, when it can
+        index them. It cannot when no token ends in a stop string's characters (it raises
+        ValueError); the text is still cut at the stop, generation just runs on to the
+        token budget instead of ending there."""
+        stops = self._stops(request)
+        if not stops:
+            return []
+        try:
+            return [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stops))]
+        except ValueError:
+            return []
 
     def _seed(self, request: GenerationRequest) -> None:
         if request.seed is not None:
@@ -163,9 +175,8 @@ class TransformersEngine:
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
         kwargs = self._generate_kwargs(request, inputs)
-        kwargs.update(
-            streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancellation)])
-        )
+        kwargs["streamer"] = streamer
+        kwargs["stopping_criteria"].append(_Cancelled(cancellation))
         produced: dict[str, Any] = {}
 
         def run() -> None:

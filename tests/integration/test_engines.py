@@ -192,3 +192,16 @@ def test_vanishing_temperature_decodes_greedily(
         smollm2.generate(request).text
         == smollm2.generate(GenerationRequest(QUESTION, max_tokens=6)).text
     )
+
+
+def test_a_stop_string_transformers_cannot_index_still_answers(
+    smollm2: TransformersEngine,
+) -> None:
+    # No token ends in a lone surrogate, so transformers' stop-string criterion raises
+    # ValueError while it is being built; the request must still be answered.
+    request = GenerationRequest(QUESTION, max_tokens=8, stop=("\ud800",))
+    assert smollm2._stop_criteria(request) == []
+    result = smollm2.generate(request)
+    assert result.text and result.completion_tokens == 8
+    streamed = list(smollm2.stream(request))
+    assert "".join(c.text for c in streamed) == result.text
