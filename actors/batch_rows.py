@@ -8,7 +8,7 @@ an end-of-sequence token) while the other rows decode on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ class _Row:
         self.trimmer = StopTrimmer(stops)
         self.prompt_tokens = prompt_tokens
         self.tokens: list[int] = []
+        self.held = ""  # a non-streamed answer's text, sent whole at the end
         self.done = False
         self.ended_by_eos = False
         # Incremental detokenisation: decode a short window of recent tokens and hand
@@ -51,8 +52,12 @@ class BatchRows(StoppingCriteria, BaseStreamer):
         tokenizer: Any,
         rows: Sequence[tuple[BatchJob, tuple[str, ...], int]],
         eos_ids: frozenset[int],
+        answer_text: Callable[[str], str] = str,
     ) -> None:
+        """`answer_text` tidies a non-streamed answer once it is whole (the engine's
+        rule for the answers it generates alone)."""
         self.tokenizer = tokenizer
+        self.answer_text = answer_text
         self.rows = [_Row(job, stops, prompt_tokens) for job, stops, prompt_tokens in rows]
         self.eos_ids = eos_ids
         self._prompt_seen = False
@@ -77,7 +82,9 @@ class BatchRows(StoppingCriteria, BaseStreamer):
             row.done = True
             return
         text = row.trimmer.feed(self._new_text(row))
-        if text:
+        if not row.job.stream:
+            row.held += text
+        elif text:
             row.job.emit(StreamChunk(text=text))
         if (
             row.trimmer.stopped
@@ -106,9 +113,12 @@ class BatchRows(StoppingCriteria, BaseStreamer):
     # -- after generation ---------------------------------------------------------
 
     def finish(self) -> None:
-        """Send every row its last chunk: held-back text, finish reason and counts."""
+        """Send every row its last chunk: held-back text (a non-streamed answer's whole
+        text), finish reason and counts."""
         for row in self.rows:
             tail = row.trimmer.flush()
+            if not row.job.stream:
+                tail = self.answer_text(row.held + tail)
             row.job.emit(
                 StreamChunk(
                     text=tail,

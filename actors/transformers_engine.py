@@ -139,6 +139,11 @@ class TransformersEngine:
         except ValueError:
             return []
 
+    def answer_text(self, text: str) -> str:
+        """A whole (non-streamed) answer as returned: a base model continues
+        "Assistant:" after a space, so its answer is trimmed."""
+        return text.strip() if self.chat_format == "plain" else text
+
     def _seed(self, request: GenerationRequest) -> None:
         if request.seed is not None:
             torch.manual_seed(request.seed)
@@ -159,7 +164,7 @@ class TransformersEngine:
         raw: str = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         text, stopped = trim_at_stop(raw, self._stops(request))
         return GenerationResult(
-            text=text.strip() if self.chat_format == "plain" else text,
+            text=self.answer_text(text),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             finish_reason=self._finish(len(new_ids), request, stopped),
@@ -245,6 +250,7 @@ class TransformersEngine:
                 for job, ids in zip(jobs, prompts, strict=True)
             ],
             self._eos_ids(),
+            self.answer_text,
         )
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +143,7 @@ class ExpertReplica:
             await asyncio.to_thread(self.server.run_batch, jobs)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        result = await self.batcher.generate(request)
-        if self.settings.chat_format == "plain":
-            # A base model continues "Assistant:" after a space; a whole answer is
-            # trimmed, as the engine trims the answers it generates alone.
-            result = replace(result, text=result.text.strip())
-        return result
+        return await self.batcher.generate(request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         async for chunk in self.batcher.stream(request):
