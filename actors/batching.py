@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from actors.engine import (
+from actors.engines.base import (
     Cancellation,
     GenerationRequest,
     GenerationResult,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.batching import BatchJob
-from actors.engine import (
+from actors.engines.base import (
     Cancellation,
     ChatMessage,
     Engine,
@@ -35,13 +35,13 @@ def make_engine(
     `model`, when given, is served instead of loading the checkpoint's weights.
     """
     if engine == "deepspeed":
-        from actors.deepspeed_engine import DeepSpeedEngine
+        from actors.engines.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(
             name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model
         )
     if engine == "transformers":
-        from actors.transformers_engine import TransformersEngine
+        from actors.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(
             name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model

@@ -45,7 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from router.budget_tuning import (
+from router.classify.calibration import fit_power_temperature, power_softmax
+from router.classify.features import TextClassifier
+from router.classify.neighbour_votes import NEIGHBOUR_KS, VoteMixture, fit_vote_mixture
+from router.embed.embedder import Embedder
+from router.training.budget_tuning import (
     TunedRouting,
     oracle_accuracy,
     report_on_test,
@@ -53,17 +57,13 @@ from router.budget_tuning import (
     tune_cross_fitted_soft,
     tune_mode,
 )
-from router.calibration import fit_power_temperature, power_softmax
-from router.category_evidence import (
+from router.training.category_evidence import (
     class_label,
     class_predictions,
     neighbour_indexes,
     parent,
 )
-from router.embedder import Embedder
-from router.features import TextClassifier
-from router.mmlu_pro import DatasetError, MMLUProData, load_dataset
-from router.neighbour_votes import NEIGHBOUR_KS, VoteMixture, fit_vote_mixture
+from router.training.mmlu_pro import DatasetError, MMLUProData, load_dataset
 
 MODES = ("hard", "hard-predicted", "soft", "soft-knn")
 CLASSIFIER, MIXED = "classifier", "classifier+knn"
@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from router.embed_cache import CachedEmbedder, default_cache_dir
-    from router.embedder import MiniLMEmbedder
+    from router.embed.embed_cache import CachedEmbedder, default_cache_dir
+    from router.embed.embedder import MiniLMEmbedder
 
     embedder = CachedEmbedder(MiniLMEmbedder(), args.cache_dir, progress=log)
     settings = Settings(args.classifier, args.folds, args.seed, args.mode, args.subcategories)

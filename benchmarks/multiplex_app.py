@@ -22,13 +22,13 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from actors.async_stream import iterate_in_thread
-from actors.engine import GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.base import GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.transformers_engine import TransformersEngine
 from actors.expert_server import ExpertServer
-from actors.transformers_engine import TransformersEngine
 from cluster.config import CoEConfig, ExpertSettings, ServeSettings
-from cluster.errors import InvalidRequest
-from cluster.http_api import build_http_app
-from cluster.service import CoEService
+from cluster.ingress.api_errors import InvalidRequest
+from cluster.ingress.http_api import build_http_app
+from cluster.ingress.service import CoEService
 from router.decision import RouteDecision
 
 MULTIPLEX_NAME = "multiplexed-experts"

@@ -44,10 +44,10 @@ from typing import Any, cast
 
 import numpy as np
 
-from router.embedder import KNOWN_EMBEDDERS, Embedder, MiniLMEmbedder, is_known_embedder
+from router.choose.mapping import CategoryMap
+from router.embed.embedder import KNOWN_EMBEDDERS, Embedder, MiniLMEmbedder, is_known_embedder
 from router.jsonl import json_objects
-from router.mapping import CategoryMap
-from router.optimiser import ScoreTable, optimise_map, score_table_from_correctness
+from router.training.optimiser import ScoreTable, optimise_map, score_table_from_correctness
 from router.two_step import ROUTING_MODES, RoutingMode, TwoStepRouter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +112,10 @@ def train_default_classifier(
     embedder: Embedder, mmlu_pro: Path, per_category: int, seed: int, kind: str = "text-logreg"
 ) -> Any:
     """A `kind` classifier trained on a stratified sample of MMLU-Pro questions."""
-    from router.embed_cache import CachedEmbedder
-    from router.features import TextClassifier
-    from router.mmlu_pro import load_dataset
-    from router.training import train_classifier
+    from router.classify.features import TextClassifier
+    from router.embed.embed_cache import CachedEmbedder
+    from router.training.classifier_fit import train_classifier
+    from router.training.mmlu_pro import load_dataset
 
     data = load_dataset(mmlu_pro)
     labels = data.categories
@@ -137,7 +137,7 @@ def train_default_classifier(
 def mmlu_pro_table(mmlu_pro: Path) -> ScoreTable | None:
     if not (mmlu_pro / "correctness.csv").is_file():
         return None
-    from router.mmlu_pro import load_dataset
+    from router.training.mmlu_pro import load_dataset
 
     data = load_dataset(mmlu_pro)
     return score_table_from_correctness(
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
         torch.set_num_threads(args.threads)
     load_s = None
     if embedder is None:
-        from router.embedder import make_embedder
+        from router.embed.embedder import make_embedder
 
         say(f"loading the {args.embedder} embedder")
         started = time.perf_counter()
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
             )
         model.max_seq_length = args.max_seq_length
     if args.classifier is not None:
-        from router.features import load_router_classifier
+        from router.classify.features import load_router_classifier
 
         # Any kind `coe router train` saves.
         classifier: Any = load_router_classifier(args.classifier)

@@ -124,8 +124,8 @@ def local_cluster(config: Any, port: int) -> Iterator[str]:
 
     from benchmarks.startup import free_port
     from benchmarks.systems import serve_instance
-    from cluster.app import build_app
-    from cluster.runner import remove_arena
+    from cluster.cli.serve_command import remove_arena
+    from cluster.serve.app import build_app
     from cluster.setup_steps import prepare_checkpoints
 
     checkpoints = prepare_checkpoints(config, progress=say)

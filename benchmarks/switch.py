@@ -121,7 +121,7 @@ def object_store(kind: str, capacity_bytes: int) -> Iterator[ObjectStore]:
         return
     import ray
 
-    from cluster.ray_object_store import RayObjectStore
+    from cluster.serve.object_store import RayObjectStore
 
     memory = max(capacity_bytes + (512 << 20), 1 << 30)
     ray.init(

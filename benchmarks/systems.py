@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.app import PLACEMENT_NAME, build_app
 from cluster.config import PROJECT_ROOT, CoEConfig, load_config, parse_config
+from cluster.serve.app import PLACEMENT_NAME, build_app
 from memory_tiers.packing import checkpoint_nbytes
 
 SYSTEMS = ("coe", "multiplex", "resident")
@@ -311,7 +311,7 @@ class RunningSystem:
         baseline runs every request alone."""
         from ray import serve
 
-        from cluster.app import expert_deployment_name
+        from cluster.serve.app import expert_deployment_name
 
         if self.name == "multiplex":
             return {"batches": None, "batched_requests": None, "largest_batch": 1}
@@ -335,7 +335,7 @@ class RunningSystem:
             self._sampler.join(timeout=15)
         serve.delete(APP_NAME)
         if self.name == "coe":
-            from cluster.runner import remove_arena
+            from cluster.cli.serve_command import remove_arena
 
             remove_arena(self.scenario.config(tiers=True))
 

@@ -84,7 +84,7 @@ class AutoscalingSettings(_Strict):
 
     def serve_config(self) -> dict[str, Any]:
         """The `autoscaling_config` Serve gets for this expert."""
-        from cluster.autoscaling import PolicySettings, serve_autoscaling_config
+        from cluster.serve.autoscaling import PolicySettings, serve_autoscaling_config
 
         if self.policy == "default":
             return self.model_dump(exclude_none=True, exclude={"policy", "idle", "idle_s"})
@@ -229,7 +229,7 @@ class RouterSettings(_Strict):
 
     @model_validator(mode="after")
     def _artifact_given(self) -> RouterSettings:
-        from router.embedder import KNOWN_EMBEDDERS, is_known_embedder
+        from router.embed.embedder import KNOWN_EMBEDDERS, is_known_embedder
 
         if not is_known_embedder(self.embedder):
             raise ValueError(

@@ -7,18 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from actors.checkpoint import Progress, check_weights_complete, validate_checkpoint
-from actors.demo import build_source
+from actors.weights.checkpoint import Progress, check_weights_complete, validate_checkpoint
+from actors.weights.demo import build_source
 from cluster.config import CoEConfig, ConfigError, ExpertSettings, resolve_path
 from memory_tiers.packing import checkpoint_nbytes
-from router.artifact_embedder import trained_embedder
-from router.classifier import OneCategoryClassifier, make_classifier
-from router.embedder import Embedder, LazyEmbedder
-from router.features import TextClassifier, load_router_classifier
-from router.mapping import CategoryMap
-from router.score_table import ScoreTable
+from router.choose.mapping import CategoryMap
+from router.choose.score_table import ScoreTable
+from router.classify.classifier import OneCategoryClassifier, make_classifier
+from router.classify.features import TextClassifier, load_router_classifier
+from router.classify.vote_classifier import NeighbourVoteClassifier
+from router.embed.artifact_embedder import trained_embedder
+from router.embed.embedder import Embedder, LazyEmbedder
 from router.two_step import TwoStepRouter
-from router.vote_classifier import NeighbourVoteClassifier
 
 
 def expert_checkpoint(expert: ExpertSettings, config: CoEConfig) -> Path:

@@ -26,9 +26,9 @@ from memory_tiers.errors import (
     PinnedOverBudget,
     TierConfigError,
 )
-from memory_tiers.metrics import DeviceResidency, HBMCounters, ResidentInfo
+from memory_tiers.eviction import EvictionPolicy, make_policy
 from memory_tiers.packing import ALIGNMENT
-from memory_tiers.policies import EvictionPolicy, make_policy
+from memory_tiers.tier_stats import DeviceResidency, HBMCounters, ResidentInfo
 
 # Used to estimate an expert's reload time before its first switch was measured.
 DEFAULT_RELOAD_BYTES_PER_S = 10e9

@@ -33,11 +33,11 @@ from memory_tiers.errors import (
     UnknownDevice,
     UnknownExpert,
 )
+from memory_tiers.eviction import POLICY_NAMES, make_policy
 from memory_tiers.hbm import HBMCache, Lease, Purpose
-from memory_tiers.metrics import DeviceResidency
 from memory_tiers.packing import TensorIndex
-from memory_tiers.policies import POLICY_NAMES, make_policy
 from memory_tiers.switch import copy_into
+from memory_tiers.tier_stats import DeviceResidency
 
 # How long a request waits for in-use experts to make room before it fails.
 ROOM_WAIT_S = 120.0

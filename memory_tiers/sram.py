@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from memory_tiers.metrics import SlotStats
+from memory_tiers.tier_stats import SlotStats
 
 
 class ActiveSlots:

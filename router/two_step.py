@@ -1,6 +1,6 @@
 """The two-step router: embed -> classify into a category -> map to an expert.
 
-The second step runs in one of two modes (see router.policy): "hard" sends the most
+The second step runs in one of two modes (see router.choose.expert_choice): "hard" sends the most
 probable category to its mapped expert; "soft" weighs every expert's scores by the
 whole category distribution, minus a price on active parameters. Both fall back to
 the generalist below the confidence threshold.
@@ -12,12 +12,12 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from router.classifier import CategoryClassifier, CentroidClassifier, KNNClassifier
+from router.choose.expert_choice import HardRouting, SoftRouting, choose_experts
+from router.choose.mapping import CategoryMap
+from router.classify.classifier import CategoryClassifier, CentroidClassifier, KNNClassifier
 from router.decision import RouteDecision
-from router.embedder import Embedder
-from router.mapping import CategoryMap
-from router.optimiser import ScoreTable
-from router.policy import HardRouting, SoftRouting, choose_experts
+from router.embed.embedder import Embedder
+from router.training.optimiser import ScoreTable
 
 RoutingMode = Literal["hard", "soft"]
 ROUTING_MODES: tuple[RoutingMode, ...] = ("hard", "soft")

@@ -8,8 +8,8 @@ import httpx
 import yaml
 
 from benchmarks.startup import READY_LINE
+from cluster.cli.serve_command import remove_arena
 from cluster.config import load_config
-from cluster.runner import remove_arena
 from tests.conftest import DEMO_CONFIG, free_port
 from tests.e2e.conftest import (
     VENV_BIN,

@@ -39,9 +39,9 @@ def cluster(demo_config: CoEConfig, demo_checkpoints: dict[str, Path]) -> Iterat
     import ray
     from ray import serve
 
-    from cluster.app import build_app
-    from cluster.grpc_proxy import serve_start_options
-    from cluster.runner import remove_arena
+    from cluster.cli.serve_command import remove_arena
+    from cluster.serve.app import build_app
+    from cluster.serve.grpc_proxy import serve_start_options
 
     port = free_port()
     grpc_port = free_port()

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from actors.synthetic import build_tiny_expert
+from actors.weights.synthetic import build_tiny_expert
 from benchmarks.compare import warm_up
 from benchmarks.harness import driver, stats, workload
 from benchmarks.systems import APP_NAME, SYSTEMS, Scenario, running
@@ -95,6 +95,6 @@ def test_system_serves_the_harness_and_stops_cleanly(
     while replica_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert replica_processes() == []
-    from cluster.placement import arena_path
+    from cluster.serve.placement_replica import arena_path
 
     assert not arena_path(scenario.config(tiers=True)).exists()

@@ -6,7 +6,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.errors import InvalidRequest
+from cluster.ingress.api_errors import InvalidRequest
 from tests.integration.conftest import RunningCluster
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -66,7 +66,7 @@ def test_deployment_handle_raises_typed_errors(cluster: RunningCluster) -> None:
 
 
 def test_each_expert_is_its_own_deployment_with_its_engine(cluster: RunningCluster) -> None:
-    from cluster.app import expert_deployment_name
+    from cluster.serve.app import expert_deployment_name
 
     status = serve.status().applications[cluster.app_name]
     for expert in cluster.config.experts:
@@ -82,7 +82,7 @@ def test_each_expert_is_its_own_deployment_with_its_engine(cluster: RunningClust
 def test_concurrent_requests_for_one_expert_decode_as_a_batch(cluster: RunningCluster) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cluster.app import expert_deployment_name
+    from cluster.serve.app import expert_deployment_name
 
     prompts = [
         "What is the capital of France?",

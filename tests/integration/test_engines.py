@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from actors.batching import BatchJob
-from actors.checkpoint import CheckpointError
-from actors.deepspeed_engine import DeepSpeedEngine, kernel_injection_supported
-from actors.engine import Cancellation, ChatMessage, GenerationRequest, StreamChunk
+from actors.engines.base import Cancellation, ChatMessage, GenerationRequest, StreamChunk
+from actors.engines.deepspeed_engine import DeepSpeedEngine, kernel_injection_supported
+from actors.engines.transformers_engine import TransformersEngine
 from actors.expert_server import ExpertServer, make_engine
-from actors.transformers_engine import TransformersEngine
+from actors.weights.checkpoint import CheckpointError
 
 QUESTION = (ChatMessage("user", "What is the capital of France?"),)
 

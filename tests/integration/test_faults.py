@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import yaml
 
-from actors.engine import ChatMessage, GenerationRequest
+from actors.engines.base import ChatMessage, GenerationRequest
+from actors.engines.transformers_engine import TransformersEngine
 from actors.expert_server import ExpertServer
-from actors.synthetic import build_tiny_expert
-from actors.transformers_engine import TransformersEngine
+from actors.weights.synthetic import build_tiny_expert
 from cluster.config import CoEConfig, parse_config
 from memory_tiers.packing import checkpoint_nbytes
 from tests.conftest import PROJECT_ROOT
@@ -128,8 +128,8 @@ def faults(
 ) -> Iterator[dict[str, Any]]:
     from ray import serve
 
-    from cluster.app import build_app
-    from cluster.placement import arena_path
+    from cluster.serve.app import build_app
+    from cluster.serve.placement_replica import arena_path
 
     size = checkpoint_nbytes(checkpoints[EXPERTS[0]], "float32")
     config = app_config(
@@ -369,8 +369,8 @@ def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
 ) -> None:
     from ray import serve
 
-    from cluster.app import build_app
-    from cluster.placement import arena_path
+    from cluster.serve.app import build_app
+    from cluster.serve.placement_replica import arena_path
 
     size = checkpoint_nbytes(checkpoints["whole"], "float32")
     config = app_config(

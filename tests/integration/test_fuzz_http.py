@@ -29,7 +29,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.core.result import Ok
 
-from actors.synthetic import build_tiny_expert
+from actors.weights.synthetic import build_tiny_expert
 from cluster.config import CoEConfig, parse_config
 from tests.integration.conftest import RunningCluster
 from tests.integration.test_tiers import demo_tokenizer_dir
@@ -81,7 +81,7 @@ def fuzz_config(checkpoint: Path) -> CoEConfig:
 def fuzz_url(cluster: RunningCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     root = tmp_path_factory.mktemp("fuzz")
     checkpoint = build_tiny_expert(root / "tiny", 11, demo_tokenizer_dir())

@@ -11,10 +11,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.grpc_client import CoEClient, chat_request, coe_pb2
-from cluster.grpc_proxy import LOOPBACK, check_bind, listening_addresses
+from cluster.ingress.grpc.client import CoEClient, chat_request, coe_pb2
+from cluster.serve.grpc_proxy import LOOPBACK, check_bind, listening_addresses
 from tests.integration.conftest import RunningCluster
-from tests.unit.test_grpc_fuzz import generate_requests, route_requests
+from tests.unit.cluster.ingress.grpc.test_grpc_fuzz import generate_requests, route_requests
 
 pytestmark = pytest.mark.integration
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}

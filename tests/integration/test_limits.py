@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from actors.synthetic import build_tiny_expert
+from actors.weights.synthetic import build_tiny_expert
 from cluster.config import parse_config
 from tests.integration.conftest import RunningCluster
 from tests.integration.test_tiers import demo_tokenizer_dir
@@ -48,7 +48,7 @@ def bearer(key: str = KEY) -> dict[str, str]:
 def limits_url(cluster: RunningCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     checkpoint = build_tiny_expert(
         tmp_path_factory.mktemp("limits") / EXPERT, 11, demo_tokenizer_dir()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from actors.synthetic import build_tiny_expert
+from actors.weights.synthetic import build_tiny_expert
 from cluster.config import CoEConfig, parse_config
 from tests.integration.conftest import RunningCluster
 
@@ -76,7 +76,7 @@ def checkpoints(
 def live(cluster: RunningCluster, checkpoints: dict[str, Path]) -> Iterator[Any]:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     serve.run(
         build_app(live_config(checkpoints, False), checkpoints), name=APP, route_prefix=f"/{APP}"
@@ -98,7 +98,7 @@ def pids(serve: Any) -> dict[str, int]:
 def test_adding_an_expert_and_a_category_takes_effect_without_restarts(
     live: Any, checkpoints: dict[str, Path]
 ) -> None:
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     serve = live
     ingress = serve.get_app_handle(APP)

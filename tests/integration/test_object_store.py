@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.synthetic import build_tiny_expert
-from cluster.ray_object_store import RayObjectStore
+from actors.weights.synthetic import build_tiny_expert
+from cluster.serve.object_store import RayObjectStore
 from memory_tiers.ddr import CheckpointSource, DDRStore
 from memory_tiers.errors import ObjectLost
 from tests.integration.conftest import RunningCluster

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from actors.engine import ChatMessage, GenerationRequest
+from actors.engines.base import ChatMessage, GenerationRequest
+from actors.engines.transformers_engine import TransformersEngine
 from actors.expert_server import ExpertServer
-from actors.synthetic import build_tiny_expert
-from actors.transformers_engine import TransformersEngine
+from actors.weights.synthetic import build_tiny_expert
 from cluster.config import CoEConfig, parse_config
 from memory_tiers.packing import checkpoint_nbytes
 from tests.integration.conftest import RunningCluster
@@ -113,7 +113,7 @@ def tiered(
 ) -> Iterator[dict[str, Any]]:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     size = checkpoint_nbytes(tiny_checkpoints[EXPERTS[0]], "float32")
     budget = int(size * 3.5)  # room for three experts, never four
@@ -125,7 +125,7 @@ def tiered(
         yield {"handle": handle, "placement": placement, "budget": budget, "config": config}
     finally:
         serve.delete(APP)
-        from cluster.placement import arena_path
+        from cluster.serve.placement_replica import arena_path
 
         arena_path(config).unlink(missing_ok=True)
 

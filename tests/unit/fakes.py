@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
-from actors.engine import Cancellation, GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.base import Cancellation, GenerationRequest, GenerationResult, StreamChunk
 from router.decision import RouteDecision
 
 

