@@ -52,6 +52,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 # Unit tests share nothing, so they run on every core; the Ray suites stay serial.
 test-unit: setup

@@ -7,49 +7,22 @@ requests wait; when it ends, the waiting ones with the same batch key run as the
 batch (at most `max_batch_size`, oldest first). Under light load every batch is one
 request and nothing waits for a batch to fill.
 
-Plain asyncio, no Ray: `cluster/expert_replica.py` gives it a runner that takes the
+Plain asyncio, no Ray: `cluster/serve/expert_replica.py` gives it a runner that takes the
 expert's device lease and calls the engine on a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from actors.engines.base import (
-    Cancellation,
+    BatchJob,
     GenerationRequest,
     GenerationResult,
     StreamChunk,
+    batch_key,
 )
-
-
-def batch_key(request: GenerationRequest) -> Hashable | None:
-    """Requests with equal keys may share a batch; None: this one runs alone.
-
-    One `generate` call has one sampling setting, so the key is that setting. Seeded
-    sampling runs alone: its answer must not depend on what it was batched with.
-    """
-    if request.samples:
-        if request.seed is not None:
-            return None
-        return ("sample", request.temperature, request.top_p)
-    return ("greedy",)
-
-
-@dataclass
-class BatchJob:
-    """One request inside a batch; `emit` is called from the engine's thread with its
-    chunks, the last one carrying the finish reason (or with the error that ended it)."""
-
-    request: GenerationRequest
-    emit: Callable[[StreamChunk | BaseException], None]
-    cancellation: Cancellation = field(default_factory=Cancellation)
-    # Whether the client streams: a lone non-streamed job may be answered in one piece.
-    stream: bool = True
-    ended: bool = False  # its last chunk or an error was emitted
-
 
 BatchRunner = Callable[[Sequence[BatchJob]], Awaitable[None]]
 

@@ -1,7 +1,8 @@
 """An expert: an engine plus its domain instructions and request accounting.
 
-This is the plain class an expert replica runs; `cluster/` makes it a Serve
-deployment. The memory tiers will slot in here (lease, switch, active slot).
+This is the plain class an expert replica runs; `cluster/serve/expert_replica.py`
+makes it a Serve deployment and wraps each batch in a tier grant (HBM lease and
+active slot) before the engine runs, so nothing here knows about the tiers.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from actors.batching import BatchJob
 from actors.engines.base import (
+    BatchJob,
     Cancellation,
     ChatMessage,
     Engine,

@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from router.classify.calibration import fit_power_temperature, power_softmax
+from router.classify.calibration import power_softmax
 from router.classify.features import TextClassifier
-from router.classify.neighbour_votes import NEIGHBOUR_KS, VoteMixture, fit_vote_mixture
-from router.embed.embedder import Embedder
+from router.classify.neighbour_votes import NEIGHBOUR_KS, VoteMixture
+from router.embed.protocol import Embedder
 from router.training.budget_tuning import (
     TunedRouting,
     oracle_accuracy,
@@ -64,6 +64,8 @@ from router.training.category_evidence import (
     parent,
 )
 from router.training.mmlu_pro import DatasetError, MMLUProData, load_dataset
+from router.training.temperature_fit import fit_power_temperature
+from router.training.vote_fit import fit_vote_mixture
 
 MODES = ("hard", "hard-predicted", "soft", "soft-knn")
 CLASSIFIER, MIXED = "classifier", "classifier+knn"

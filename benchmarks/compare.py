@@ -28,10 +28,7 @@ from typing import Any
 from benchmarks.harness import driver, plots, stats, workload
 from benchmarks.startup import free_port
 from benchmarks.systems import SYSTEMS, Scenario, demo_scenario, running, serve_instance
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from cluster.console import progress as say
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,7 @@ import httpx
 
 from benchmarks.harness import driver, stats, workload
 from benchmarks.harness.client import check_loopback
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from cluster.console import progress as say
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

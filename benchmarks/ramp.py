@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import say, warm_up
+from benchmarks.compare import warm_up
 from benchmarks.harness import driver, stats, workload
 from benchmarks.startup import free_port
 from benchmarks.systems import demo_scenario, running, serve_instance
+from cluster.console import progress as say
 
 DEFAULT_PHASES = "40:0.3,90:3,90:0.3,40:0"
 

@@ -35,7 +35,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,10 +43,14 @@ from typing import Any, cast
 
 import numpy as np
 
+from cluster.console import progress as say
 from router.choose.mapping import CategoryMap
-from router.embed.embedder import KNOWN_EMBEDDERS, Embedder, MiniLMEmbedder, is_known_embedder
+from router.choose.score_table import ScoreTable, score_table_from_correctness
+from router.embed.embedder import MiniLMEmbedder
+from router.embed.names import KNOWN_EMBEDDERS, is_known_embedder
+from router.embed.protocol import Embedder
 from router.jsonl import json_objects
-from router.training.optimiser import ScoreTable, optimise_map, score_table_from_correctness
+from router.training.optimiser import optimise_map
 from router.two_step import ROUTING_MODES, RoutingMode, TwoStepRouter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +66,6 @@ SOFT_COST_WEIGHT = 0.001
 
 class PromptFileError(ValueError):
     """A prompt file is missing, unreadable, or has no `prompt`/`question` text."""
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def load_prompt_file(path: Path) -> list[str]:
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None, embedder: Embedder | None = None) -> int
             )
         model.max_seq_length = args.max_seq_length
     if args.classifier is not None:
-        from router.classify.features import load_router_classifier
+        from router.classify.loading import load_router_classifier
 
         # Any kind `coe router train` saves.
         classifier: Any = load_router_classifier(args.classifier)

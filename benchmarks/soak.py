@@ -49,10 +49,7 @@ from benchmarks.harness import workload
 from benchmarks.harness.client import check_loopback
 from benchmarks.soak_plan import FAILURES, KINDS, Limits, Mix, SoakRequest, plan_soak, summarise
 from benchmarks.soak_traffic import Target, fetch_experts, soak, warm_up
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from cluster.console import progress as say
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,23 +117,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @contextmanager
 def local_cluster(config: Any, port: int) -> Iterator[str]:
     """The config's application on a fresh local Ray + Serve (loopback); yields its URL."""
-    from ray import serve
-
     from benchmarks.startup import free_port
     from benchmarks.systems import serve_instance
-    from cluster.cli.serve_command import remove_arena
-    from cluster.serve.app import build_app
+    from cluster.serve import lifecycle
     from cluster.setup_steps import prepare_checkpoints
 
     checkpoints = prepare_checkpoints(config, progress=say)
     with serve_instance(port or free_port()) as base_url:
         say(f"starting {config.serve.app_name} at {base_url}")
-        serve.run(build_app(config, checkpoints), name=config.serve.app_name, route_prefix="/")
+        lifecycle.deploy(config, checkpoints)
         try:
             yield base_url
         finally:
-            serve.delete(config.serve.app_name)
-            remove_arena(config)
+            lifecycle.undeploy(config.serve.app_name, config)
 
 
 async def run_soak(

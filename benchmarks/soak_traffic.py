@@ -65,16 +65,14 @@ def object_store_bytes(ray_address: str | None) -> int | None:
     `ray_address` (no driver is started); None when neither is there or it cannot answer."""
     try:
         import ray
-        from ray._private import internal_api
+
+        from cluster.serve.ray_internals import object_store_bytes_used
 
         if ray.is_initialized():
             ray_address = ray.get_runtime_context().gcs_address
         if ray_address is None:
             return None
-        reply = internal_api.get_memory_info_reply(
-            internal_api.get_state_from_address(ray_address), timeout_seconds=10.0
-        )
-        return int(reply.store_stats.object_store_bytes_used)
+        return object_store_bytes_used(ray_address, timeout_s=10.0)
     except Exception:  # no cluster there, or it went away: the figure is missing, not fatal
         return None
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from cluster.console import COE_PREFIX
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUESTION = {
     "model": "coe",
@@ -34,7 +36,7 @@ QUESTION = {
 
 
 # How `coe serve` says it is ready ("... already in use" must not match).
-READY_LINE = "[coe] ready in "
+READY_LINE = f"{COE_PREFIX}ready in "
 
 
 # Ports handed to servers started here come from below the kernel's ephemeral range

@@ -119,21 +119,13 @@ def object_store(kind: str, capacity_bytes: int) -> Iterator[ObjectStore]:
     if kind == "memory":
         yield InProcessObjectStore()
         return
-    import ray
-
+    from cluster.serve.lifecycle import local_ray
     from cluster.serve.object_store import RayObjectStore
 
     memory = max(capacity_bytes + (512 << 20), 1 << 30)
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        object_store_memory=memory,
-        log_to_driver=False,
-    )
-    try:
+    # Ray's own logging level (RAY_LOGGER_LEVEL), not the quieter one of the Serve drivers.
+    with local_ray(logging_level=None, log_to_driver=False, object_store_memory=memory):
         yield RayObjectStore()
-    finally:
-        ray.shutdown()
 
 
 # -- measurements ---------------------------------------------------------------------

@@ -24,13 +24,15 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import PROJECT_ROOT, CoEConfig, load_config, parse_config
+from cluster.config import PROJECT_ROOT, CoEConfig, ServeSettings, load_config, parse_config
+from cluster.console import Say
+from cluster.serve import lifecycle
 from cluster.serve.app import PLACEMENT_NAME, build_app
 from memory_tiers.packing import checkpoint_nbytes
 
@@ -118,7 +120,7 @@ class Scenario:
     def checkpoints(self) -> dict[str, Path]:
         return {name: self.copies_dir / name for name in self.names}
 
-    def prepare(self, say: Callable[[str], None]) -> None:
+    def prepare(self, say: Say) -> None:
         """Give every expert its own checkpoint files.
 
         Experts that shared one file would share its page-cache pages, and a system that
@@ -129,7 +131,7 @@ class Scenario:
             copy_checkpoint(self.checkpoint, self.copies_dir / name, say)
 
 
-def copy_checkpoint(source: Path, target: Path, say: Callable[[str], None]) -> None:
+def copy_checkpoint(source: Path, target: Path, say: Say) -> None:
     """Copy a checkpoint directory file by file; files already copied whole are kept."""
     target.mkdir(parents=True, exist_ok=True)
     for item in sorted(source.iterdir()):
@@ -145,9 +147,7 @@ def copy_checkpoint(source: Path, target: Path, say: Callable[[str], None]) -> N
         partial.replace(destination)
 
 
-def demo_scenario(
-    experts: int, hbm_experts: int, say: Callable[[str], None], **options: Any
-) -> Scenario:
+def demo_scenario(experts: int, hbm_experts: int, say: Say, **options: Any) -> Scenario:
     """A scenario whose experts are copies of the demo's SmolLM2-135M-Instruct."""
     checkpoint = demo_checkpoint(say)
     return Scenario(
@@ -159,7 +159,7 @@ def demo_scenario(
     )
 
 
-def demo_checkpoint(say: Callable[[str], None]) -> Path:
+def demo_checkpoint(say: Say) -> Path:
     """The demo's SmolLM2-135M-Instruct checkpoint, built on first use."""
     from cluster.setup_steps import prepare_checkpoints
 
@@ -219,7 +219,7 @@ class RunningSystem:
             )
         else:
             app = build_app(scenario.config(tiers=self.name == "coe"), scenario.checkpoints())
-        serve.run(app, name=APP_NAME, route_prefix=self.route_prefix)
+        lifecycle.run_app(app, APP_NAME, self.route_prefix)
         if self.name == "coe":
             placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
             ddr = placement.metrics.remote().result(timeout_s=30)["ddr"]
@@ -246,7 +246,8 @@ class RunningSystem:
 
     def sample(self) -> dict[str, Any]:
         from ray import serve
-        from ray.serve._private.common import ReplicaState
+
+        from cluster.serve.ray_internals import running_replicas
 
         host = replica_memory_bytes(APP_NAME) + self._object_store_bytes
         self.timeline.peak_host_bytes = max(self.timeline.peak_host_bytes, host)
@@ -256,7 +257,7 @@ class RunningSystem:
             for deployment, status in app.deployments.items():
                 if deployment in ("ingress", "router", PLACEMENT_NAME):
                     continue
-                replicas[deployment] = status.replica_states.get(ReplicaState.RUNNING, 0)
+                replicas[deployment] = running_replicas(status)
         return {
             "t": self.elapsed_s(),
             "replicas": replicas,
@@ -328,37 +329,21 @@ class RunningSystem:
         }
 
     def stop(self) -> None:
-        from ray import serve
-
         self._stop.set()
         if self._sampler is not None:
             self._sampler.join(timeout=15)
-        serve.delete(APP_NAME)
-        if self.name == "coe":
-            from cluster.cli.serve_command import remove_arena
-
-            remove_arena(self.scenario.config(tiers=True))
+        with_arena = self.scenario.config(tiers=True) if self.name == "coe" else None
+        lifecycle.undeploy(APP_NAME, with_arena)
 
 
-@contextmanager
-def serve_instance(port: int) -> Iterator[str]:
-    """A local Ray + Serve for the benchmark, on loopback; yields the base URL."""
-    import ray
-    from ray import serve
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def serve_instance(port: int) -> AbstractContextManager[str]:
+    """A local Ray + Serve for the benchmark, HTTP only on loopback; yields the base URL."""
+    return lifecycle.local_serve(ServeSettings(host="127.0.0.1", port=port))
 
 
 @contextmanager
 def running(
-    name: str, scenario: Scenario, say: Callable[[str], None], route_prefix: str = "/"
+    name: str, scenario: Scenario, say: Say, route_prefix: str = "/"
 ) -> Iterator[RunningSystem]:
     system = RunningSystem(name, scenario, route_prefix)
     started = time.monotonic()

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from router.embed.names import KNOWN_EMBEDDERS, is_known_embedder
+
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ROUTED_MODEL = "coe"
 DEMO_SOURCES = ("smollm2-135m-instruct", "gemma-3-270m")
@@ -25,11 +27,13 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names every problem."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Frozen and closed: an unknown key (a typo) fails validation instead of being ignored."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AutoscalingSettings(_Strict):
+class AutoscalingSettings(StrictModel):
     """The subset of Ray Serve's `AutoscalingConfig` an expert may set."""
 
     min_replicas: int = Field(
@@ -52,7 +56,7 @@ class AutoscalingSettings(_Strict):
         "default",
         description="'default' is Ray Serve's queue-length policy; 'coe' scales up at once when "
         "requests queue (a new replica is a process start), down slowly, and parks or zeroes "
-        "an idle expert (see cluster/autoscaling.py).",
+        "an idle expert (see cluster/serve/autoscaling.py).",
     )
     idle: Literal["park", "zero"] = Field(
         "park",
@@ -79,32 +83,15 @@ class AutoscalingSettings(_Strict):
                 f"[{self.min_replicas}, {self.max_replicas}]"
             )
         if self.policy == "coe":
-            self.serve_config()  # a mode that disagrees with min_replicas fails here
+            # The idle mode fixes the floor: 'zero' ends at no replica, 'park' keeps one.
+            if self.idle == "zero" and self.min_replicas != 0:
+                raise ValueError(f"idle 'zero' needs min_replicas 0, got {self.min_replicas}")
+            if self.idle == "park" and self.min_replicas < 1:
+                raise ValueError(f"idle 'park' needs min_replicas >= 1, got {self.min_replicas}")
         return self
 
-    def serve_config(self) -> dict[str, Any]:
-        """The `autoscaling_config` Serve gets for this expert."""
-        from cluster.serve.autoscaling import PolicySettings, serve_autoscaling_config
 
-        if self.policy == "default":
-            return self.model_dump(exclude_none=True, exclude={"policy", "idle", "idle_s"})
-        settings = PolicySettings(
-            idle_mode=self.idle,
-            idle_s=self.idle_s,
-            upscale_delay_s=self.upscale_delay_s,
-            downscale_delay_s=self.downscale_delay_s,
-        )
-        return serve_autoscaling_config(
-            settings,
-            max_replicas=self.max_replicas,
-            target_ongoing_requests=self.target_ongoing_requests,
-            min_replicas=self.min_replicas,
-            initial_replicas=self.initial_replicas,
-            look_back_period_s=self.look_back_period_s,
-        )
-
-
-class ActorOptions(_Strict):
+class ActorOptions(StrictModel):
     """Resources Ray reserves for each replica (Ray's `ray_actor_options`)."""
 
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per replica.")
@@ -112,7 +99,7 @@ class ActorOptions(_Strict):
     memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
 
 
-class ExpertSettings(_Strict):
+class ExpertSettings(StrictModel):
     """One expert LLM, served as its own Ray Serve deployment."""
 
     name: str = Field(description="Model id clients use; lowercase letters, digits, '.', '_', '-'.")
@@ -177,7 +164,7 @@ class ExpertSettings(_Strict):
         return self
 
 
-class CategorySettings(_Strict):
+class CategorySettings(StrictModel):
     """A routing category: learned from its example prompts, or one a trained router knows."""
 
     name: str = Field(min_length=1, description="Category name.")
@@ -188,7 +175,7 @@ class CategorySettings(_Strict):
     )
 
 
-class RouterSettings(_Strict):
+class RouterSettings(StrictModel):
     """The first routing step: embed, then classify into a category."""
 
     embedder: str = Field(
@@ -229,8 +216,6 @@ class RouterSettings(_Strict):
 
     @model_validator(mode="after")
     def _artifact_given(self) -> RouterSettings:
-        from router.embed.embedder import KNOWN_EMBEDDERS, is_known_embedder
-
         if not is_known_embedder(self.embedder):
             raise ValueError(
                 f"unknown embedder {self.embedder!r}; known: {list(KNOWN_EMBEDDERS)} "
@@ -244,7 +229,7 @@ class RouterSettings(_Strict):
         return self
 
 
-class TierSettings(_Strict):
+class TierSettings(StrictModel):
     """Memory tiers: DDR (object store) -> HBM (device arena) -> SRAM (active slots)."""
 
     enabled: bool = Field(
@@ -272,7 +257,7 @@ class TierSettings(_Strict):
         return self
 
 
-class ServeSettings(_Strict):
+class ServeSettings(StrictModel):
     """Where and how the cluster listens."""
 
     host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean it.")
@@ -333,7 +318,7 @@ class ServeSettings(_Strict):
         return self
 
 
-class CoEConfig(_Strict):
+class CoEConfig(StrictModel):
     """A whole Composition-of-Experts cluster."""
 
     experts: list[ExpertSettings] = Field(min_length=1, description="The expert LLMs.")

@@ -14,10 +14,12 @@ from memory_tiers.packing import checkpoint_nbytes
 from router.choose.mapping import CategoryMap
 from router.choose.score_table import ScoreTable
 from router.classify.classifier import OneCategoryClassifier, make_classifier
-from router.classify.features import TextClassifier, load_router_classifier
+from router.classify.features import TextClassifier
+from router.classify.loading import load_router_classifier
 from router.classify.vote_classifier import NeighbourVoteClassifier
 from router.embed.artifact_embedder import trained_embedder
-from router.embed.embedder import Embedder, LazyEmbedder
+from router.embed.embedder import LazyEmbedder
+from router.embed.protocol import Embedder
 from router.two_step import TwoStepRouter
 
 

@@ -1,14 +1,14 @@
-"""Who holds which grant: the placement service's record for reclaiming a dead holder's grants.
+"""Grants and who holds them: what a replica gets per request, and the books to take it back.
 
-A grant is an HBM lease plus an active slot, taken by an expert replica for one
-request and given back when the request ends. A replica that dies mid-request never
+A grant (`Grant`) is an HBM lease plus an active slot, taken by an expert replica for
+one request and given back when the request ends. A replica that dies mid-request never
 gives it back: its lease keeps the expert in use (never evicted) and its slot stays
 taken, so a few such deaths would block the device for good. The ledger records every
 grant under its holder, so the service can find a dead holder's grants and end them.
 
-Liveness itself is not decided here (the cluster asks Ray whether the holder's actor
-died); this class only keeps the books. Not thread-safe: the placement service calls
-it from its event loop.
+Liveness itself is not decided here (the grant service asks a probe the cluster
+injects); `GrantLedger` only keeps the books. Not thread-safe: the grant service
+calls it from its event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from memory_tiers.hbm import Lease
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the placement service hands an expert replica for one request.
+
+    `incarnation` names the placement service's lifetime: generations restart with
+    it, so a binding is only reused when both match.
+    """
+
+    lease: Lease
+    slot: int
+    incarnation: str
+    slot_wait_s: float
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import numpy as np
 
 from router.choose.expert_choice import HardRouting, SoftRouting, choose_experts
 from router.choose.mapping import CategoryMap
+from router.choose.score_table import ScoreTable
 from router.classify.classifier import CategoryClassifier, CentroidClassifier, KNNClassifier
 from router.decision import RouteDecision
-from router.embed.embedder import Embedder
-from router.training.optimiser import ScoreTable
+from router.embed.protocol import Embedder
 
 RoutingMode = Literal["hard", "soft"]
 ROUTING_MODES: tuple[RoutingMode, ...] = ("hard", "soft")

@@ -8,7 +8,7 @@ plain classes; `cluster/` makes them Ray Serve replicas.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -87,3 +87,29 @@ class Engine(Protocol):
     ) -> Iterator[StreamChunk]: ...
 
     def close(self) -> None: ...
+
+
+def batch_key(request: GenerationRequest) -> Hashable | None:
+    """Requests with equal keys may share a batch; None: this one runs alone.
+
+    One `generate` call has one sampling setting, so the key is that setting. Seeded
+    sampling runs alone: its answer must not depend on what it was batched with.
+    """
+    if request.samples:
+        if request.seed is not None:
+            return None
+        return ("sample", request.temperature, request.top_p)
+    return ("greedy",)
+
+
+@dataclass
+class BatchJob:
+    """One request inside a batch; `emit` is called from the engine's thread with its
+    chunks, the last one carrying the finish reason (or with the error that ended it)."""
+
+    request: GenerationRequest
+    emit: Callable[[StreamChunk | BaseException], None]
+    cancellation: Cancellation = field(default_factory=Cancellation)
+    # Whether the client streams: a lone non-streamed job may be answered in one piece.
+    stream: bool = True
+    ended: bool = False  # its last chunk or an error was emitted

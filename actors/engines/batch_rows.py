@@ -15,8 +15,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from actors.batching import BatchJob
-from actors.engines.base import FinishReason, StreamChunk
+from actors.engines.base import BatchJob, FinishReason, StreamChunk
 from actors.engines.text import StopTrimmer
 
 

@@ -25,14 +25,15 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from actors.batching import BatchJob, batch_key
 from actors.engines.base import (
+    BatchJob,
     Cancellation,
     ChatMessage,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     StreamChunk,
+    batch_key,
 )
 from actors.engines.batch_rows import BatchRows
 from actors.engines.text import StopTrimmer, plain_transcript, trim_at_stop

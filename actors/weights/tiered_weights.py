@@ -9,29 +9,15 @@ new region, or a restarted placement service).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memory_tiers.arena import DeviceArena
+from memory_tiers.grants import Grant
 from memory_tiers.hbm import Lease
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import ResidencyReport
 from memory_tiers.switch import ModelSkeleton
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What the placement service hands an expert replica for one request.
-
-    `incarnation` names the placement service's lifetime: generations restart with
-    it, so a binding is only reused when both match.
-    """
-
-    lease: Lease
-    slot: int
-    incarnation: str
-    slot_wait_s: float
 
 
 class TieredWeights:

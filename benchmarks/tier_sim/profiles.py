@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from cluster.config import describe_pydantic_errors, read_yaml
+from cluster.config import StrictModel, describe_pydantic_errors, read_yaml
 
 GB = 1e9
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -37,11 +37,7 @@ class ProfileError(ValueError):
     """A hardware profile that cannot be used; the message names every problem."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DeviceSpec(_Strict):
+class DeviceSpec(StrictModel):
     """One accelerator of the node (an SN40L socket, one GPU, or a host arena on a CPU node)."""
 
     kind: str = Field(min_length=1, description="What the device is, in words.")
@@ -57,7 +53,7 @@ class DeviceSpec(_Strict):
     )
 
 
-class HardwareProfile(_Strict):
+class HardwareProfile(StrictModel):
     """One node's memory tiers, as the tier simulator models them."""
 
     name: str = Field(description="Profile name; lowercase letters, digits, '.', '_', '-'.")

@@ -12,12 +12,9 @@ from cluster.cli.router_commands import CommandInputError, add_router_commands
 from cluster.cli.status_command import add_status_command
 from cluster.cli.tier_commands import ClusterUnavailable, add_tier_commands
 from cluster.config import DEMO_SOURCES, ConfigError, load_config
+from cluster.console import say
 
 DEFAULT_CONFIG = "configs/demo.yaml"
-
-
-def say(line: str) -> None:
-    print(f"[coe] {line}", flush=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -44,26 +41,19 @@ def _demo_build(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     """Push a changed config to a running cluster: Serve updates only what changed."""
-    import logging
-
-    import ray
-    from ray import serve
-
-    from cluster.serve.app import build_app
+    from cluster.serve import lifecycle
     from cluster.setup_steps import prepare_checkpoints
 
     config = load_config(args.config)
     checkpoints = prepare_checkpoints(config, progress=say)
-    try:
-        ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
-    except (ConnectionError, RuntimeError) as error:
-        raise ClusterUnavailable(f"no running cluster at {args.address!r}: {error}") from None
-    try:
+
+    def unavailable(error: Exception) -> ClusterUnavailable:
+        return ClusterUnavailable(f"no running cluster at {args.address!r}: {error}")
+
+    with lifecycle.joined(args.address, unavailable=unavailable):
         say(f"applying {args.config} to application {config.serve.app_name!r}")
-        serve.run(build_app(config, checkpoints), name=config.serve.app_name, route_prefix="/")
+        lifecycle.deploy(config, checkpoints)
         say("applied: the router reconfigured in place; unchanged experts kept running")
-    finally:
-        ray.shutdown()
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from cluster.config import load_config, resolve_path
+from cluster.console import say as _say
 from router.embed.artifact_embedder import save_embedder_name, trained_embedder
 from router.embed.embedder import MiniLMEmbedder
 
@@ -19,10 +20,6 @@ MINILM = MiniLMEmbedder.name
 
 class CommandInputError(ValueError):
     """A command argument that cannot be used: missing file, wrong columns, bad value."""
-
-
-def _say(line: str) -> None:
-    print(f"[coe] {line}", flush=True)
 
 
 def _labelled(path: Path) -> Any:
@@ -49,11 +46,9 @@ def _embedder(name: str) -> Any:
 
 def _train(args: argparse.Namespace) -> int:
     from router.classify.features import TEXT_KIND, TextClassifier
-    from router.classify.vote_classifier import (
-        NeighbourVoteClassifier,
-        fit_neighbour_vote_classifier,
-    )
+    from router.classify.vote_classifier import NeighbourVoteClassifier
     from router.training.classifier_fit import train_classifier
+    from router.training.vote_fit import fit_neighbour_vote_classifier
 
     data = _labelled(args.data)
     _say(f"{len(data)} labelled prompts in {len(data.categories)} categories from {args.data}")
@@ -88,7 +83,8 @@ def confusion(truth: list[str], predicted: list[str], categories: list[str]) -> 
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from router.classify.features import TextClassifier, load_router_classifier
+    from router.classify.features import TextClassifier
+    from router.classify.loading import load_router_classifier
     from router.classify.vote_classifier import NeighbourVoteClassifier
 
     try:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 
 from cluster.config import CoEConfig, ServeSettings
+from cluster.console import Say
+from cluster.serve import lifecycle
+from cluster.serve.lifecycle import remove_arena
 
-Say = Callable[[str], None]
+# Imported from here by callers outside this package (tests/e2e).
+__all__ = ["bind_problem", "curl_example", "remove_arena", "serve_foreground", "taken_ports"]
 
 
 def curl_example(host: str, port: int) -> str:
@@ -81,18 +83,11 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
     from cluster.setup_steps import prepare_checkpoints
 
     checkpoints = prepare_checkpoints(config, progress=say)
-    import ray
-    from ray import serve
-
-    from cluster.serve.app import build_app
-
     settings = config.serve
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: binding to {settings.host}; the API is reachable from other machines")
     say("starting Ray (local, dashboard off)")
-    # Serve's driver-side INFO lines repeat what the progress lines say.
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    lifecycle.start_local_ray()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -100,18 +95,13 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        from cluster.serve.grpc_proxy import serve_start_options
-
-        serve.start(
-            http_options={"host": settings.host, "port": settings.port},
-            **serve_start_options(settings),
-        )
+        lifecycle.start_serve(settings)
         say(f"deploying {len(config.experts)} experts, the router and the ingress")
         failure: list[BaseException] = []
 
         def deploy() -> None:
             try:
-                serve.run(build_app(config, checkpoints), name=settings.app_name, route_prefix="/")
+                lifecycle.deploy(config, checkpoints)
             except BaseException as error:
                 failure.append(error)
 
@@ -153,18 +143,8 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
         # Our handler stays installed until Ray is down, so a second Ctrl-C cannot
         # interrupt the shutdown half-way and leave replicas behind.
         try:
-            serve.shutdown()
+            lifecycle.shutdown(config)
         finally:
-            ray.shutdown()
-            remove_arena(config)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             say("stopped")
-
-
-def remove_arena(config: CoEConfig) -> None:
-    """The device arena lives in shared memory: give it back when the cluster stops."""
-    if config.tiers.enabled:
-        from cluster.serve.placement_replica import arena_path
-
-        arena_path(config).unlink(missing_ok=True)

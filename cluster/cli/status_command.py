@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.cli.tier_commands import GIB, ClusterUnavailable
+from cluster.serve import lifecycle
+
+if TYPE_CHECKING:
+    from ray.exceptions import AuthenticationError
 
 EXPERT_PREFIX = "expert-"
 CALL_TIMEOUT_S = 30.0
@@ -35,32 +38,29 @@ AUTH_HINT = (
 # -- gathering (needs a running cluster) ------------------------------------------
 
 
-def _connect(address: str) -> None:
-    import ray
-    from ray.exceptions import AuthenticationError
+def _refused(error: AuthenticationError) -> ClusterUnavailable:
+    return ClusterUnavailable(f"{AUTH_HINT} ({error.message})")
 
-    try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    except AuthenticationError as error:
-        raise ClusterUnavailable(f"{AUTH_HINT} ({error.message})") from None
-    except (ConnectionError, RuntimeError) as error:
-        raise ClusterUnavailable(
+
+def _unavailable(address: str) -> lifecycle.ErrorTranslator:
+    def unavailable(error: Exception) -> ClusterUnavailable:
+        return ClusterUnavailable(
             f"no running cluster at {address!r} ({error}); start one with `coe serve` "
             "or `make serve` in another terminal"
-        ) from None
+        )
+
+    return unavailable
 
 
 def _serve_details() -> dict[str, Any]:
-    from ray.serve.context import _get_global_client
     from ray.serve.exceptions import RayServeException
 
+    from cluster.serve.ray_internals import serve_details
+
     try:
-        client = _get_global_client()
+        return serve_details()
     except RayServeException as error:
         raise ClusterUnavailable(f"Ray runs but Serve does not ({error})") from None
-    assert client is not None  # raise_if_no_controller_running is the default
-    details: dict[str, Any] = client.get_serve_details()
-    return details
 
 
 def _call(app: str, deployment: str, method: str) -> tuple[Any, str | None]:
@@ -94,10 +94,7 @@ def _deployment_rows(app_details: Mapping[str, Any]) -> dict[str, dict[str, Any]
 
 def gather_status(address: str, app: str) -> dict[str, Any]:
     """Everything `coe status` prints, as one JSON-ready dict."""
-    import ray
-
-    _connect(address)
-    try:
+    with lifecycle.joined(address, unavailable=_unavailable(address), refused=_refused):
         applications = _serve_details().get("applications", {})
         if app not in applications:
             raise ClusterUnavailable(
@@ -126,8 +123,6 @@ def gather_status(address: str, app: str) -> dict[str, Any]:
                 problems.append(problem)
         gathered["problems"] = problems
         return gathered
-    finally:
-        ray.shutdown()
 
 
 # -- rendering (pure) -------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from typing import Any
 
+from benchmarks.tier_sim.__main__ import main as simulator_main
+from cluster.serve import lifecycle
 from memory_tiers.tier_stats import DeviceResidency, ResidentInfo, format_residency
 
 GIB = 1024**3
@@ -49,27 +50,24 @@ def format_status(residency: dict[str, Any], metrics: dict[str, Any]) -> str:
 
 def fetch_residency(address: str, app_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Ask a running cluster's placement service for its residency and metrics."""
-    import ray
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
-    try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    except (ConnectionError, RuntimeError) as error:
-        raise ClusterUnavailable(
+    def unavailable(error: Exception) -> ClusterUnavailable:
+        return ClusterUnavailable(
             f"no running cluster at {address!r} ({error}); start one with `make serve`"
-        ) from None
-    try:
-        handle = serve.get_deployment_handle("placement", app_name=app_name)
-        residency = handle.residency.remote().result(timeout_s=30)
-        metrics = handle.metrics.remote().result(timeout_s=30)
-    except RayServeException as error:
-        raise ClusterUnavailable(
-            f"application {app_name!r} has no placement service ({type(error).__name__}); "
-            "is tiers.enabled set in its config?"
-        ) from None
-    finally:
-        ray.shutdown()
+        )
+
+    with lifecycle.joined(address, unavailable=unavailable):
+        try:
+            handle = serve.get_deployment_handle("placement", app_name=app_name)
+            residency = handle.residency.remote().result(timeout_s=30)
+            metrics = handle.metrics.remote().result(timeout_s=30)
+        except RayServeException as error:
+            raise ClusterUnavailable(
+                f"application {app_name!r} has no placement service ({type(error).__name__}); "
+                "is tiers.enabled set in its config?"
+            ) from None
     return residency, metrics
 
 
@@ -83,8 +81,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from benchmarks.tier_sim.simulator import main as simulator_main
-
     forwarded = list(args.simulator_args)
     if forwarded[:1] == ["--"]:
         forwarded = forwarded[1:]
@@ -103,7 +99,7 @@ def add_tier_commands(commands: Any) -> None:
     simulate = tier_commands.add_parser(
         "simulate",
         help="replay a trace against SN40L / DGX / this-machine tier profiles "
-        "(arguments go to `python -m benchmarks.tier_sim.simulator`; try `simulate -- paper`)",
+        "(arguments go to `python -m benchmarks.tier_sim`; try `simulate -- paper`)",
     )
     simulate.add_argument("simulator_args", nargs=argparse.REMAINDER)
     simulate.set_defaults(run=_simulate)

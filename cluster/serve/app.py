@@ -14,13 +14,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application, Deployment
 
-from cluster.config import CoEConfig, ConfigError, ExpertSettings, load_config
+from cluster.config import AutoscalingSettings, CoEConfig, ConfigError, ExpertSettings, load_config
+from cluster.console import COE_PREFIX, sayer
+from cluster.serve.autoscaling import PolicySettings, serve_autoscaling_config
 from cluster.serve.deployments import (
     ExpertDeployment,
     IngressDeployment,
     PlacementDeployment,
     RouterDeployment,
 )
+from cluster.serve.ray_internals import with_version
 from cluster.setup_steps import prepare_checkpoints
 
 INGRESS_NAME = "ingress"
@@ -34,23 +37,45 @@ def expert_deployment_name(expert: str) -> str:
 
 
 # The code every replica runs; a change to it must restart replicas even when their
-# arguments are the same.
+# arguments are the same. (The placement logic lives in memory_tiers/grant_service.py.)
 CODE_FILES = (
-    "serve/deployments.py",
-    "serve/expert_replica.py",
-    "serve/router_replica.py",
-    "serve/ingress_replica.py",
-    "serve/handle_backend.py",
-    "serve/placement_replica.py",
-    "serve/metrics.py",
-    "ingress/service.py",
-    "ingress/http_api.py",
-    "ingress/grpc/methods.py",
+    "cluster/serve/deployments.py",
+    "cluster/serve/expert_replica.py",
+    "cluster/serve/router_replica.py",
+    "cluster/serve/ingress_replica.py",
+    "cluster/serve/handle_backend.py",
+    "cluster/serve/placement_replica.py",
+    "cluster/serve/metrics.py",
+    "cluster/ingress/service.py",
+    "cluster/ingress/http_api.py",
+    "cluster/ingress/grpc/methods.py",
+    "memory_tiers/grant_service.py",
 )
-_CLUSTER_DIR = Path(__file__).resolve().parent.parent
+_PROJECT_DIR = Path(__file__).resolve().parents[2]
 _CODE_VERSION = hashlib.sha256(
-    b"".join((_CLUSTER_DIR / name).read_bytes() for name in CODE_FILES)
+    b"".join((_PROJECT_DIR / name).read_bytes() for name in CODE_FILES)
 ).hexdigest()[:16]
+
+
+def autoscaling_config(settings: AutoscalingSettings) -> dict[str, Any]:
+    """The `autoscaling_config` Serve gets for an expert: Serve's own policy's fields, or
+    the expert autoscaling policy (`cluster/serve/autoscaling.py`) with its settings."""
+    if settings.policy == "default":
+        return settings.model_dump(exclude_none=True, exclude={"policy", "idle", "idle_s"})
+    policy = PolicySettings(
+        idle_mode=settings.idle,
+        idle_s=settings.idle_s,
+        upscale_delay_s=settings.upscale_delay_s,
+        downscale_delay_s=settings.downscale_delay_s,
+    )
+    return serve_autoscaling_config(
+        policy,
+        max_replicas=settings.max_replicas,
+        target_ongoing_requests=settings.target_ongoing_requests,
+        min_replicas=settings.min_replicas,
+        initial_replicas=settings.initial_replicas,
+        look_back_period_s=settings.look_back_period_s,
+    )
 
 
 def start_attempts_option(expert: ExpertSettings) -> dict[str, Any]:
@@ -73,8 +98,7 @@ def replica_version(*parts: Any) -> str:
 
 
 def _versioned(deployment: Deployment, *parts: Any) -> Deployment:
-    # `version` is internal in Ray Serve 2.60's options(); it is what serve.run reads.
-    return deployment.options(version=replica_version(deployment.name, *parts), _internal=True)
+    return with_version(deployment, replica_version(deployment.name, *parts))
 
 
 def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
@@ -99,7 +123,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         placement = _versioned(placement_deployment).bind()
     experts = {}
     for expert in config.experts:
-        autoscaling = expert.autoscaling.serve_config()
+        autoscaling = autoscaling_config(expert.autoscaling)
         deployment = ExpertDeployment.options(
             name=expert_deployment_name(expert.name),
             autoscaling_config=autoscaling,
@@ -144,5 +168,5 @@ def app_builder(args: dict[str, Any]) -> Application:
     except ValidationError as error:
         raise ConfigError(f"bad application args {args!r}: {error}") from None
     config = load_config(parsed.config)
-    checkpoints = prepare_checkpoints(config, progress=lambda line: print(f"[coe] {line}"))
+    checkpoints = prepare_checkpoints(config, progress=sayer(COE_PREFIX, flush=False))
     return build_app(config, checkpoints)

@@ -17,7 +17,7 @@ The rule, applied every Serve control-loop tick to one expert deployment:
   goes back to at least 1 on the first tick that sees a request (Serve's handle holds it).
 - The answer always lies in Serve's capacity-adjusted `[min_replicas, max_replicas]`.
 
-`decide` is that rule as a pure function of a `PolicyView`; `ExpertPolicy` (settings as
+`decide` is that rule as a pure function of a `PolicyView`; `ExpertAutoscalingPolicy` (settings as
 Serve `policy_kwargs`) and `expert_policy` (settings read from the standard config fields)
 are the two Serve hooks. Serve pickles this module by value into its controller, so it
 imports nothing from the project.
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 IDLE_MODES = ("park", "zero")
-POLICY_FUNCTION = "cluster.serve.autoscaling:ExpertPolicy"
+POLICY_FUNCTION = "cluster.serve.autoscaling:ExpertAutoscalingPolicy"
 # A window mean of the request count below this is "no requests" (float noise, not traffic).
 IDLE_EPSILON = 1e-3
 # Policy-state keys; prefixed so they never collide with Serve's own "__decision_*" keys.
@@ -220,7 +220,7 @@ def decide(
     return decision, new_state
 
 
-class ExpertPolicy:
+class ExpertAutoscalingPolicy:
     """Serve hook taking per-expert settings as `policy_kwargs` (Serve builds it once).
 
     Pair it with zero Serve delays (see `serve_autoscaling_config`): Serve applies its own
@@ -261,7 +261,7 @@ def serve_autoscaling_config(
     initial_replicas: int | None = None,
     look_back_period_s: float | None = None,
 ) -> dict[str, Any]:
-    """The `autoscaling_config` dict that runs `ExpertPolicy` with `settings` on Serve.
+    """The `autoscaling_config` dict that runs `ExpertAutoscalingPolicy` with `settings` on Serve.
 
     Serve's delays are zero because the policy keeps its own clocks; `min_replicas`
     defaults to 0 for `zero` and 1 for `park` and must agree with the mode when given.

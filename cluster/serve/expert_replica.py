@@ -19,13 +19,14 @@ from typing import Any
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from actors.batching import BatchJob, RequestBatcher
-from actors.engines.base import GenerationRequest, GenerationResult, StreamChunk
+from actors.batching import RequestBatcher
+from actors.engines.base import BatchJob, GenerationRequest, GenerationResult, StreamChunk
 from actors.expert_server import ExpertServer, make_engine
-from actors.weights.tiered_weights import Grant, TieredWeights
+from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ExpertSettings
-from cluster.serve.placement_replica import REPORT_INTERVAL_S
 from memory_tiers.arena import DeviceArena
+from memory_tiers.grant_service import REPORT_INTERVAL_S
+from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
 
 logger = logging.getLogger("ray.serve")

@@ -13,7 +13,8 @@ worker runs the hook named by that env before it creates its actor. The hook
 below wraps `add_grpc_address` so the proxy binds to the HTTP host instead (a
 loopback address by default). `start_grpc_server` looks the function up at call
 time, so the wrapper is what it calls. `check_bind` verifies the result from
-the outside, since all of this rests on Serve internals.
+the outside, since all of this rests on Serve internals (each one is in
+cluster/serve/ray_internals.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from __future__ import annotations
 import logging
 import os
 from typing import TYPE_CHECKING, Any
+
+from cluster.serve.ray_internals import (
+    WORKER_SETUP_HOOK_ENV,
+    GrpcBind,
+    serve_grpc_bind,
+    set_serve_grpc_bind,
+)
 
 if TYPE_CHECKING:
     from cluster.config import ServeSettings
@@ -35,7 +43,7 @@ SERVICER_FUNCTIONS = [
 GRPC_HOST_ENV = "COE_GRPC_HOST"
 # Ray's (reserved) variable naming a worker's setup hook; `ray.init(runtime_env=
 # {"worker_process_setup_hook": ...})` sets the same variable for a whole job.
-RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+RAY_SETUP_HOOK_ENV = WORKER_SETUP_HOOK_ENV
 SETUP_HOOK = "cluster.serve.grpc_proxy.bind_grpc_to_host"
 ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -72,11 +80,10 @@ def bind_grpc_to_host() -> None:
     if host in ALL_INTERFACES:
         return
     try:
-        from ray.serve._private import default_impl
+        original: GrpcBind = serve_grpc_bind()
     except Exception as error:  # keep the worker alive; check_bind reports the outcome
         logger.warning("gRPC bind hook could not load Serve: %s", error)
         return
-    original = default_impl.add_grpc_address
     if getattr(original, "coe_bind_host", None) == host:
         return
 
@@ -87,7 +94,7 @@ def bind_grpc_to_host() -> None:
         return original(grpc_server, server_address)
 
     add_grpc_address.coe_bind_host = host  # type: ignore[attr-defined]
-    default_impl.add_grpc_address = add_grpc_address
+    set_serve_grpc_bind(add_grpc_address)
 
 
 def grpc_options(settings: ServeSettings) -> dict[str, Any] | None:

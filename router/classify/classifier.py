@@ -6,11 +6,12 @@ Three kinds share one interface (fit, predict_proba, with_category, save):
 - `KNNClassifier` ("knn"): the k nearest training examples vote.
 - `CentroidClassifier` ("centroid"): nearest category mean; the few-shot classifier.
 
-Every kind has a softmax `temperature`, so `training.fit_temperature` can calibrate any
-of them on held-out data, and the router's confidence (the top probability) means the same
-thing whichever kind is configured. `with_category` adds a category from a handful of
-example vectors without refitting the existing ones. Saved classifiers are a JSON file
-plus an `.npz` of arrays (no pickle); `load_classifier` dispatches on the saved kind.
+Every kind has a softmax `temperature`, so `router.training.classifier_fit.fit_temperature`
+can calibrate any of them on held-out data, and the router's confidence (the top
+probability) means the same thing whichever kind is configured. `with_category` adds a
+category from a handful of example vectors without refitting the existing ones. Saved
+classifiers are a JSON file plus an `.npz` of arrays (no pickle); `load_classifier`
+dispatches on the saved kind.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _check_training_data(vectors: np.ndarray, labels: list[str]) -> list[str]:
+def check_training_data(vectors: np.ndarray, labels: list[str]) -> list[str]:
     if vectors.ndim != 2 or len(vectors) != len(labels):
         raise ValueError(
             f"need one label per vector: got {len(labels)} labels for shape {vectors.shape}"
@@ -80,7 +81,7 @@ def _check_training_data(vectors: np.ndarray, labels: list[str]) -> list[str]:
     return sorted(set(labels))
 
 
-def _check_new_category(categories: list[str], name: str, vectors: np.ndarray, dim: int) -> None:
+def check_new_category(categories: list[str], name: str, vectors: np.ndarray, dim: int) -> None:
     if not name:
         raise ValueError("a new category needs a non-empty name")
     if name in categories:
@@ -103,7 +104,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def _label_indices(categories: list[str], labels: list[str]) -> np.ndarray:
+def label_indices(categories: list[str], labels: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(categories)}
     unknown = sorted({label for label in labels if label not in index})
     if unknown:
@@ -124,7 +125,7 @@ class CentroidClassifier:
         self.centroids = np.zeros((0, 0), dtype=np.float32)
 
     def fit(self, vectors: np.ndarray, labels: list[str]) -> CentroidClassifier:
-        self.categories = _check_training_data(vectors, labels)
+        self.categories = check_training_data(vectors, labels)
         label_array = np.asarray(labels)
         centroids = [vectors[label_array == c].mean(axis=0) for c in self.categories]
         self.centroids = _normalise(np.stack(centroids)).astype(np.float32)
@@ -135,7 +136,7 @@ class CentroidClassifier:
         return softmax(vectors @ self.centroids.T, self.temperature)
 
     def with_category(self, name: str, example_vectors: np.ndarray) -> CentroidClassifier:
-        _check_new_category(self.categories, name, example_vectors, self.centroids.shape[1])
+        check_new_category(self.categories, name, example_vectors, self.centroids.shape[1])
         extended = CentroidClassifier(self.temperature)
         extended.categories = [*self.categories, name]
         centroid = _normalise(example_vectors.mean(axis=0, keepdims=True))
@@ -177,9 +178,9 @@ class KNNClassifier:
         self.example_labels = np.zeros(0, dtype=np.int64)
 
     def fit(self, vectors: np.ndarray, labels: list[str]) -> KNNClassifier:
-        self.categories = _check_training_data(vectors, labels)
+        self.categories = check_training_data(vectors, labels)
         self.examples = _normalise(vectors).astype(np.float32)
-        self.example_labels = _label_indices(self.categories, labels)
+        self.example_labels = label_indices(self.categories, labels)
         return self
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
@@ -195,7 +196,7 @@ class KNNClassifier:
         return probabilities
 
     def with_category(self, name: str, example_vectors: np.ndarray) -> KNNClassifier:
-        _check_new_category(self.categories, name, example_vectors, self.examples.shape[1])
+        check_new_category(self.categories, name, example_vectors, self.examples.shape[1])
         extended = KNNClassifier(self.k, self.temperature)
         extended.categories = [*self.categories, name]
         new = _normalise(example_vectors).astype(np.float32)
@@ -266,10 +267,10 @@ class LogisticClassifier:
     def fit(self, vectors: np.ndarray, labels: list[str]) -> LogisticClassifier:
         from sklearn.linear_model import LogisticRegression
 
-        categories = _check_training_data(vectors, labels)
+        categories = check_training_data(vectors, labels)
         if len(categories) < 2:
             raise ValueError(f"logistic regression needs at least two categories, got {categories}")
-        targets = _label_indices(categories, labels)
+        targets = label_indices(categories, labels)
         model = LogisticRegression(C=self.regularisation, max_iter=self.max_iter)
         model.fit(vectors, targets)
         self.categories = categories
@@ -297,7 +298,7 @@ class LogisticClassifier:
         return softmax(self.logits(vectors), self.temperature)
 
     def with_category(self, name: str, example_vectors: np.ndarray) -> LogisticClassifier:
-        _check_new_category(self.categories, name, example_vectors, self.weights.shape[1])
+        check_new_category(self.categories, name, example_vectors, self.weights.shape[1])
         examples = np.asarray(example_vectors, dtype=np.float64)
         inputs = np.vstack([self.anchors.astype(np.float64), examples])
         own_labels = np.concatenate([self.anchor_labels, np.full(len(examples), -1)])
@@ -458,7 +459,7 @@ def make_classifier(kind: str, **params: Any) -> TrainableClassifier:
 
 
 def load_classifier(directory: Path) -> TrainableClassifier:
-    """A vector classifier saved by its `save` (router.classify.features.load_router_classifier
+    """A vector classifier saved by its `save` (router.classify.loading.load_router_classifier
     also reads the text kind)."""
     meta, arrays = read_saved(directory)
     kind = meta["kind"]

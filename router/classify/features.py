@@ -15,25 +15,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from router.classify.classifier import (
     ClassifierLoadError,
-    TrainableClassifier,
-    _check_new_category,
-    _check_training_data,
-    _label_indices,
+    check_new_category,
+    check_training_data,
     fit_new_row,
-    load_classifier,
+    label_indices,
     read_saved,
     softmax,
 )
-
-if TYPE_CHECKING:
-    from router.classify.vote_classifier import NeighbourVoteClassifier
 
 TEXT_KIND = "text-logreg"
 VOCABULARY_FILE = "vocabulary.json"
@@ -177,7 +172,7 @@ class TextClassifier:
     def fit(self, texts: list[str], vectors: np.ndarray, labels: list[str]) -> TextClassifier:
         from sklearn.linear_model import LogisticRegression
 
-        categories = _check_training_data(np.asarray(vectors), labels)
+        categories = check_training_data(np.asarray(vectors), labels)
         if len(texts) != len(labels):
             raise ValueError(f"need one text per label: {len(texts)} texts, {len(labels)} labels")
         if len(categories) < 2:
@@ -185,7 +180,7 @@ class TextClassifier:
         self.tfidf.fit(texts)
         self.dimension = 0
         inputs = self.features(texts, vectors)
-        targets = _label_indices(categories, labels)
+        targets = label_indices(categories, labels)
         model = LogisticRegression(C=self.regularisation, max_iter=self.max_iter)
         model.fit(inputs, targets)
         weights = np.asarray(model.coef_, dtype=np.float64)
@@ -227,7 +222,7 @@ class TextClassifier:
         self, name: str, example_texts: list[str], example_vectors: np.ndarray
     ) -> TextClassifier:
         """A new classifier with one more category; existing weights are left unchanged."""
-        _check_new_category(self.categories, name, np.asarray(example_vectors), self.dimension)
+        check_new_category(self.categories, name, np.asarray(example_vectors), self.dimension)
         examples = self.features(example_texts, example_vectors)
         inputs = sp.csr_matrix(sp.vstack([self.anchors, examples], format="csr"))
         own_labels = np.concatenate([self.anchor_labels, np.full(len(example_texts), -1)])
@@ -334,18 +329,3 @@ def load_text_classifier(directory: Path) -> TextClassifier:
             f"weights; expected ({len(loaded.categories)}, {width}) and {loaded.tfidf.size}"
         )
     return loaded
-
-
-def load_router_classifier(
-    directory: Path,
-) -> TrainableClassifier | TextClassifier | NeighbourVoteClassifier:
-    """Whatever kind of classifier was saved in `directory`, with its neighbour votes."""
-    from router.classify.vote_classifier import has_neighbour_votes, load_neighbour_votes
-
-    meta, _ = read_saved(directory)
-    if meta["kind"] == TEXT_KIND:
-        text_classifier = load_text_classifier(directory)
-        if has_neighbour_votes(directory):
-            return load_neighbour_votes(directory, text_classifier)
-        return text_classifier
-    return load_classifier(directory)

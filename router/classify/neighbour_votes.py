@@ -10,7 +10,7 @@ classifier the vocabulary of a whole category. Their geometric mixture
 renormalised with one temperature, is better calibrated and more accurate than either
 (on MMLU-Pro train, cross-validated: 83.4% -> 86.7% category accuracy). The weights,
 the number of neighbours, how sharply similarity weighs a neighbour and the temperature
-are all chosen by cross-validated log loss (`fit_vote_mixture`).
+are all chosen by cross-validated log loss (router.training.vote_fit.fit_vote_mixture).
 
 Neighbours are by cosine similarity; rows of both sides must already be L2-normalised
 (sentence embeddings and `TfidfFeatures` rows are). Queries may be the references
@@ -19,7 +19,6 @@ themselves with `exclude_self`, giving leave-one-out votes for the training rows
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from router.classify.calibration import fit_power_temperature, power_softmax
+from router.classify.calibration import power_softmax
 
 # Rows of queries compared with all references at once: bounds memory to
 # _CHUNK x references similarities.
@@ -187,54 +186,3 @@ class VoteMixture:
     ) -> np.ndarray:
         scores = self.log_scores(classifier_log_probabilities, indexes, targets)
         return power_softmax(scores, self.temperature)
-
-
-def log_loss(probabilities: np.ndarray, targets: np.ndarray) -> float:
-    picked = probabilities[np.arange(len(targets)), targets]
-    return float(-np.log(np.clip(picked, 1e-12, None)).mean())
-
-
-def fit_vote_mixture(
-    classifier_log_probabilities: np.ndarray,
-    indexes: Sequence[NeighbourIndex],
-    targets: np.ndarray,
-    ks: Sequence[int] = NEIGHBOUR_KS,
-    sharpnesses: Sequence[float] = (0.02, 0.05, 0.1),
-    weight_step: float = 0.1,
-    max_vote_share: float = 0.9,
-) -> VoteMixture:
-    """The mixture with the lowest log loss on held-out rows.
-
-    classifier_log_probabilities must be out-of-fold (each row from a classifier that
-    did not see it) and `indexes` leave-one-out, so the loss measures unseen prompts.
-    Weights step over a grid on the simplex; the classifier keeps at least
-    1 - max_vote_share. Ties keep the first (smaller k, sharper, less vote weight).
-    """
-    targets = np.asarray(targets, dtype=np.int64)
-    if not 0 < weight_step <= 1:
-        raise ValueError(f"weight_step must be in (0, 1], got {weight_step}")
-    steps = np.round(np.arange(0.0, max_vote_share + 1e-9, weight_step), 10)
-    best: tuple[float, VoteMixture] | None = None
-    log_p = np.asarray(classifier_log_probabilities, dtype=np.float64)
-    for k, sharpness in itertools.product(ks, sharpnesses):
-        logs = [
-            np.log(neighbour_votes(i, targets, log_p.shape[1], k, sharpness) + VOTE_FLOOR)
-            for i in indexes
-        ]
-        for weights in itertools.product(steps, repeat=len(indexes)):
-            share = float(sum(weights))
-            if share > max_vote_share + 1e-9:
-                continue
-            mixed = (1.0 - share) * log_p + sum(
-                (w * v for w, v in zip(weights, logs, strict=True)), np.zeros_like(log_p)
-            )
-            temperature = fit_power_temperature(mixed, targets)
-            loss = log_loss(power_softmax(mixed, temperature), targets)
-            if best is None or loss < best[0] - 1e-12:
-                mixture = VoteMixture(
-                    1.0 - share, tuple(float(w) for w in weights), k, sharpness, temperature
-                )
-                best = (loss, mixture)
-    if best is None:
-        raise ValueError("no mixture to try: ks and sharpnesses must not be empty")
-    return best[1]

@@ -2,39 +2,29 @@
 
 `NeighbourVoteClassifier` serves what the quality benchmark measures as `soft-knn`:
 p(c|x) from a `TextClassifier`, geometrically mixed with the category votes of the
-training prompts nearest to x by embedding and by TF-IDF words (router/neighbour_votes.py).
-It keeps the training prompts' unit embeddings and TF-IDF rows as references, so a
-saved artifact grows with the training set (MMLU-Pro's 6,800 train rows: about 15 MB).
-
-Training (`fit_neighbour_vote_classifier`) fits the mixture's weights on out-of-fold
-predictions: each training prompt is judged by a classifier fitted without it and by
-its neighbours other than itself, so the weights are those that predict unseen prompts.
+training prompts nearest to x by embedding and by TF-IDF words
+(router/classify/neighbour_votes.py). It keeps the training prompts' unit embeddings and
+TF-IDF rows as references, so a saved artifact grows with the training set (MMLU-Pro's
+6,800 train rows: about 15 MB). It is fitted by router.training.vote_fit.
 
 Saved beside the text classifier in the same directory: `neighbour_votes.json` (the
-mixture) and `neighbour_votes.npz` (references; no pickle). `load_router_classifier`
-returns this class wherever those files are present.
+mixture) and `neighbour_votes.npz` (references; no pickle).
+`router.classify.loading.load_router_classifier` returns this class wherever those files
+are present.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from router.classify.classifier import ClassifierLoadError, _label_indices
+from router.classify.classifier import ClassifierLoadError
 from router.classify.features import TextClassifier
-from router.classify.neighbour_votes import (
-    NEIGHBOUR_KS,
-    VoteMixture,
-    fit_vote_mixture,
-    nearest_neighbours,
-    unit_rows,
-)
-from router.training.out_of_fold import predict_folds, stratified_folds
+from router.classify.neighbour_votes import VoteMixture, nearest_neighbours, unit_rows
 
 VOTES_META_FILE = "neighbour_votes.json"
 VOTES_ARRAYS_FILE = "neighbour_votes.npz"
@@ -181,61 +171,3 @@ def load_neighbour_votes(directory: Path, classifier: TextClassifier) -> Neighbo
         raise ClassifierLoadError(
             f"cannot read saved neighbour votes in {directory}: {error}"
         ) from None
-
-
-def fit_neighbour_vote_classifier(
-    texts: list[str],
-    vectors: np.ndarray,
-    labels: list[str],
-    folds: int = 5,
-    seed: int = 0,
-    progress: Callable[[str], None] = lambda _: None,
-) -> NeighbourVoteClassifier:
-    """Fit the text classifier on every row and the vote mixture on out-of-fold evidence.
-
-    Uses min(folds, rows of the rarest category) folds, at least two; costs `folds` + 1
-    classifier fits.
-    """
-    vectors = np.asarray(vectors)
-    if len(texts) != len(labels) or len(vectors) != len(labels):
-        raise ValueError(
-            f"need one text and one vector per label: {len(texts)} texts, "
-            f"{len(vectors)} vectors, {len(labels)} labels"
-        )
-    categories = sorted(set(labels))
-    targets = _label_indices(categories, labels)
-    rarest = int(np.bincount(targets).min())
-    if rarest < 2:
-        raise ValueError("neighbour votes need at least two labelled prompts per category")
-    fitted: list[TextClassifier] = []
-
-    def fit_predict(
-        fit_texts: list[str],
-        fit_vectors: np.ndarray,
-        fit_labels: list[str],
-        held_texts: list[str],
-        held_vectors: np.ndarray,
-    ) -> tuple[list[str], np.ndarray]:
-        model = TextClassifier(seed=seed).fit(fit_texts, fit_vectors, fit_labels)
-        fitted.append(model)
-        probabilities = model.predict_proba_texts(held_texts, held_vectors)
-        return model.categories, np.log(np.clip(probabilities, 1e-12, None))
-
-    # The last fit sees every row: it is the classifier kept. It "predicts" one row only
-    # because predict_folds asks every fit for predictions.
-    fold_of = stratified_folds(targets, max(min(folds, rarest), 2), seed)
-    predictions = predict_folds(
-        fit_predict, texts, vectors, labels, fold_of, texts[:1], vectors[:1], progress
-    )
-    classifier = fitted[-1]
-    progress("nearest training prompts by embedding and by TF-IDF (leave-one-out)")
-    unit = unit_rows(vectors, np.float32)
-    words = classifier.tfidf.transform(texts)
-    depth = max(NEIGHBOUR_KS)
-    indexes = [
-        nearest_neighbours(unit, unit, depth, exclude_self=True),
-        nearest_neighbours(words, words, depth, exclude_self=True),
-    ]
-    progress("fitting the vote mixture on cross-validated log loss")
-    mixture = fit_vote_mixture(predictions.validation_log_p, indexes, targets, ks=NEIGHBOUR_KS)
-    return NeighbourVoteClassifier(classifier, mixture, unit, words, targets)

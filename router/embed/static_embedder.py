@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-STATIC_EMBEDDER_NAME = "all-MiniLM-L6-v2-static"
+from router.embed.embed_cache import default_cache_dir
+from router.embed.names import STATIC_EMBEDDER_NAME
+
 TABLE_FILE = "table.safetensors"
 METADATA_FILE = "static_embedder.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -427,8 +429,6 @@ def load_or_build_static_embedder(
     progress: Callable[[str], None] = say,
 ) -> StaticEmbedder:
     """The cached table for these settings and this model, distilled first if absent."""
-    from router.embed.embed_cache import default_cache_dir
-
     model_dir = model_dir or minilm_path()
     directory = table_directory(
         cache_dir or default_cache_dir(), file_sha256(model_dir / MODEL_FILE), settings

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from router.choose.expert_choice import HardRouting, SoftRouting, choose_experts, fit_cost_weight
+from router.choose.expert_choice import HardRouting, SoftRouting, choose_experts
+from router.choose.score_table import ScoreTable
+from router.training.cost_weight import fit_cost_weight
 from router.training.mmlu_pro import MMLUProData
-from router.training.optimiser import ScoreTable, quality_frontier
+from router.training.optimiser import quality_frontier
 
 THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5)
 _BISECTION_STEPS = 60

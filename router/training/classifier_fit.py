@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from router.classify.classifier import TrainableClassifier, _label_indices, make_classifier
+from router.classify.classifier import TrainableClassifier, label_indices, make_classifier
 from router.jsonl import json_objects
 from router.training.mmlu_pro import OPTION_LETTERS, stratified_split
 
@@ -129,7 +129,7 @@ def fit_temperature(
     classifier: TrainableClassifier, vectors: np.ndarray, labels: list[str]
 ) -> float:
     """Set the classifier's temperature to minimise log loss on held-out (vectors, labels)."""
-    targets = _label_indices(classifier.categories, labels)
+    targets = label_indices(classifier.categories, labels)
     if len(targets) == 0:
         raise ValueError("need at least one held-out example to fit a temperature")
     original = classifier.temperature

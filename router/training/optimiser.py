@@ -25,17 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from router.choose.score_table import ScoreTable, score_table_from_correctness
+from router.choose.score_table import ScoreTable
 
 __all__ = [
     "InfeasibleBudget",
     "MapChoice",
-    "ScoreTable",
     "map_choice",
     "minimum_cost_b",
     "optimise_map",
     "quality_frontier",
-    "score_table_from_correctness",
 ]
 
 # Objective values closer than this (relative) count as equal: sums of the same terms

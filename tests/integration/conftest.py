@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import CoEConfig, load_config
+from cluster.console import sayer
 from tests.conftest import DEMO_CONFIG, free_port
 
 
@@ -31,33 +31,21 @@ def demo_config() -> CoEConfig:
 def demo_checkpoints(demo_config: CoEConfig) -> dict[str, Path]:
     from cluster.setup_steps import prepare_checkpoints
 
-    return prepare_checkpoints(demo_config, progress=lambda line: print(f"[demo] {line}"))
+    return prepare_checkpoints(demo_config, progress=sayer("[demo] ", flush=False))
 
 
 @pytest.fixture(scope="session")
 def cluster(demo_config: CoEConfig, demo_checkpoints: dict[str, Path]) -> Iterator[RunningCluster]:
-    import ray
-    from ray import serve
-
-    from cluster.cli.serve_command import remove_arena
-    from cluster.serve.app import build_app
-    from cluster.serve.grpc_proxy import serve_start_options
+    from cluster.serve import lifecycle
 
     port = free_port()
     grpc_port = free_port()
-    grpc_settings = demo_config.serve.model_copy(update={"grpc_port": grpc_port})
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": port},
-            **serve_start_options(grpc_settings),
-        )
+    # HTTP and gRPC on loopback, on ports free now; the rest as the demo config says.
+    settings = demo_config.serve.model_copy(
+        update={"host": "127.0.0.1", "port": port, "grpc_port": grpc_port}
+    )
+    # Serve's driver-side INFO lines are left on here; `coe serve` and the benchmarks quiet them.
+    with lifecycle.local_serve(settings, quiet_serve_logs=False, config=demo_config) as base_url:
+        lifecycle.deploy(demo_config, demo_checkpoints)
         app_name = demo_config.serve.app_name
-        serve.run(build_app(demo_config, demo_checkpoints), name=app_name, route_prefix="/")
-        yield RunningCluster(
-            demo_config, f"http://127.0.0.1:{port}", app_name, demo_checkpoints, grpc_port
-        )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        remove_arena(demo_config)
+        yield RunningCluster(demo_config, base_url, app_name, demo_checkpoints, grpc_port)

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from actors.batching import BatchJob
-from actors.engines.base import Cancellation, ChatMessage, GenerationRequest, StreamChunk
+from actors.engines.base import (
+    BatchJob,
+    Cancellation,
+    ChatMessage,
+    GenerationRequest,
+    StreamChunk,
+)
 from actors.engines.deepspeed_engine import DeepSpeedEngine, kernel_injection_supported
 from actors.engines.transformers_engine import TransformersEngine
 from actors.expert_server import ExpertServer, make_engine

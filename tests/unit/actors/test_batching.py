@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from actors.batching import BatchError, BatchJob, RequestBatcher, batch_key
-from actors.engines.base import ChatMessage, GenerationRequest, StreamChunk
+from actors.batching import BatchError, RequestBatcher
+from actors.engines.base import BatchJob, ChatMessage, GenerationRequest, StreamChunk, batch_key
 from actors.expert_server import ExpertServer
 from tests.unit.fakes import EchoEngine
 

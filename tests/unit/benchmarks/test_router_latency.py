@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import router_latency
 from router.classify.classifier import CentroidClassifier
-from router.classify.vote_classifier import fit_neighbour_vote_classifier
+from router.training.vote_fit import fit_neighbour_vote_classifier
 from tests.unit.fakes import KeywordEmbedder
 from tests.unit.router.training.test_mmlu_pro import write_synthetic_dataset
 

@@ -103,10 +103,8 @@ def test_soft_routing_prices_parameters() -> None:
 @pytest.mark.parametrize("votes", [False, True], ids=["text-logreg", "text-logreg+votes"])
 def test_text_classifier_artifact_learns_a_new_category(tmp_path: Path, votes: bool) -> None:
     from router.classify.features import TextClassifier
-    from router.classify.vote_classifier import (
-        NeighbourVoteClassifier,
-        fit_neighbour_vote_classifier,
-    )
+    from router.classify.vote_classifier import NeighbourVoteClassifier
+    from router.training.vote_fit import fit_neighbour_vote_classifier
 
     texts = ["sum", "integral sum", "sum it", "python", "code", "python code"]
     labels = ["math"] * 3 + ["code"] * 3

@@ -136,32 +136,6 @@ def test_every_field_is_described() -> None:
             assert field.description, f"{model.__name__}.{name} has no description"
 
 
-def test_default_autoscaling_policy_passes_serve_fields_only() -> None:
-    data = demo_data()
-    config = parse_config(data, "demo")
-    emitted = config.experts[0].autoscaling.serve_config()
-    assert "policy" not in emitted and "idle" not in emitted and "idle_s" not in emitted
-    assert emitted["max_replicas"] == data["experts"][0]["autoscaling"]["max_replicas"]
-
-
-def test_coe_autoscaling_policy_emits_the_expert_policy() -> None:
-    data = demo_data()
-    data["experts"][0]["autoscaling"] = {
-        "policy": "coe",
-        "idle": "zero",
-        "idle_s": 42,
-        "min_replicas": 0,
-        "max_replicas": 3,
-    }
-    emitted = parse_config(data, "demo").experts[0].autoscaling.serve_config()
-    assert emitted["policy"]["policy_function"] == "cluster.serve.autoscaling:ExpertPolicy"
-    assert emitted["policy"]["policy_kwargs"]["idle_mode"] == "zero"
-    assert emitted["policy"]["policy_kwargs"]["idle_s"] == 42
-    # The policy keeps its own clocks; Serve's must not add to them.
-    assert emitted["upscale_delay_s"] == emitted["downscale_delay_s"] == 0.0
-    assert (emitted["min_replicas"], emitted["max_replicas"]) == (0, 3)
-
-
 @pytest.mark.parametrize(
     ("autoscaling", "expected"),
     [

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from router.choose.mapping import CategoryMap
+from router.choose.score_table import ScoreTable
 from router.classify.classifier import CentroidClassifier
-from router.training.optimiser import ScoreTable
 from router.two_step import TextCategoryClassifier, TwoStepRouter
 from tests.unit.fakes import KeywordEmbedder
 

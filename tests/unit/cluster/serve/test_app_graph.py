@@ -8,14 +8,19 @@ from typing import Any
 import pytest
 
 from cluster.config import ConfigError, load_config, parse_config
-from cluster.serve.app import app_builder, build_app, expert_deployment_name
+from cluster.serve.app import (
+    app_builder,
+    autoscaling_config,
+    build_app,
+    expert_deployment_name,
+)
+from cluster.serve.ray_internals import bound_deployment, deployment_config
 from tests.conftest import DEMO_CONFIG
 from tests.unit.cluster.test_config import demo_data
 
 
 def bound(application: Any) -> Any:
-    # Application._bound_deployment is how Serve itself reads a bound graph.
-    return application._bound_deployment
+    return bound_deployment(application)
 
 
 def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> None:
@@ -28,23 +33,23 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.name == "ingress"
     # Requests waiting on a slow expert must not stall the ingress for everyone else.
-    assert ingress._deployment_config.max_ongoing_requests >= 1000
+    assert ingress.max_ongoing_requests >= 1000
     _config, router, experts, placement, _key = ingress.init_args
     assert bound(placement).name == "placement"  # the demo serves through the tiers
     assert bound(router).name == "router"
     assert sorted(experts) == sorted(e.name for e in config.experts)
     math = bound(experts[config.experts[1].name])
     assert math.name == expert_deployment_name(config.experts[1].name)
-    autoscaling = math._deployment_config.autoscaling_config
+    autoscaling = deployment_config(math).autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (0, 3)
     assert autoscaling.upscale_delay_s == 1
     assert math.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 1_000_000}
-    assert math._deployment_config.max_ongoing_requests == 7
-    assert math._deployment_config.max_queued_requests == 32
-    assert math._deployment_config.max_constructor_retry_count == 1
+    assert math.max_ongoing_requests == 7
+    assert math.max_queued_requests == 32
+    assert deployment_config(math).max_constructor_retry_count == 1
     assert math.init_args[1] == str(tmp_path)
     # Unset, the retry bound stays Serve's own default.
-    default = bound(experts[config.experts[0].name])._deployment_config
+    default = deployment_config(bound(experts[config.experts[0].name]))
     assert default.max_constructor_retry_count == type(default)().max_constructor_retry_count
 
 
@@ -55,7 +60,7 @@ def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> No
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     _config, _router, experts, placement, _key = ingress.init_args
     assert bound(placement).name == "placement"
-    assert bound(placement)._deployment_config.max_ongoing_requests >= 1000
+    assert bound(placement).max_ongoing_requests >= 1000
     for expert in experts.values():
         assert bound(expert).init_args[2] is placement
 
@@ -83,7 +88,7 @@ def test_the_api_key_reaches_only_the_ingress(
     # Neither the ingress's config nor the router's or placement's user_config holds it.
     assert "api_key" not in as_dict["serve"]
     for deployment in (bound(router), bound(placement)):
-        assert "s3cret-key" not in repr(deployment._deployment_config.user_config)
+        assert "s3cret-key" not in repr(deployment.user_config)
     assert "s3cret-key" not in repr(config)
 
 
@@ -120,9 +125,9 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
         config = parse_config(data)
         ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
         _config, router, experts, placement, _key = ingress.init_args
-        found = {name: bound(expert)._version for name, expert in experts.items()}
-        found["router"] = bound(router)._version
-        found["placement"] = bound(placement)._version
+        found = {name: bound(expert).version for name, expert in experts.items()}
+        found["router"] = bound(router).version
+        found["placement"] = bound(placement).version
         return found
 
     before = versions(demo_data())
@@ -137,3 +142,30 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
     differs = {name for name in before if after[name] != before[name]}
     # The router and placement take the new config through reconfigure (user_config).
     assert differs == {changed["experts"][2]["name"]}
+
+
+def test_default_autoscaling_policy_passes_serve_fields_only() -> None:
+    data = demo_data()
+    config = parse_config(data, "demo")
+    emitted = autoscaling_config(config.experts[0].autoscaling)
+    assert "policy" not in emitted and "idle" not in emitted and "idle_s" not in emitted
+    assert emitted["max_replicas"] == data["experts"][0]["autoscaling"]["max_replicas"]
+
+
+def test_coe_autoscaling_policy_emits_the_expert_policy() -> None:
+    data = demo_data()
+    data["experts"][0]["autoscaling"] = {
+        "policy": "coe",
+        "idle": "zero",
+        "idle_s": 42,
+        "min_replicas": 0,
+        "max_replicas": 3,
+    }
+    emitted = autoscaling_config(parse_config(data, "demo").experts[0].autoscaling)
+    policy_function = emitted["policy"]["policy_function"]
+    assert policy_function == "cluster.serve.autoscaling:ExpertAutoscalingPolicy"
+    assert emitted["policy"]["policy_kwargs"]["idle_mode"] == "zero"
+    assert emitted["policy"]["policy_kwargs"]["idle_s"] == 42
+    # The policy keeps its own clocks; Serve's must not add to them.
+    assert emitted["upscale_delay_s"] == emitted["downscale_delay_s"] == 0.0
+    assert (emitted["min_replicas"], emitted["max_replicas"]) == (0, 3)

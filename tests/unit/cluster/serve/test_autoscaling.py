@@ -25,7 +25,7 @@ from cluster.serve.autoscaling import (
     IDLE_SINCE,
     UP_SINCE,
     AutoscalingPolicyError,
-    ExpertPolicy,
+    ExpertAutoscalingPolicy,
     PolicySettings,
     PolicyView,
     decide,
@@ -260,7 +260,7 @@ def test_bad_settings_name_the_bad_value(changes: dict[str, Any], named: str) ->
 
 def test_unknown_policy_kwargs_are_rejected() -> None:
     with pytest.raises(AutoscalingPolicyError, match="idle_seconds"):
-        ExpertPolicy(idle_mode="zero", idle_seconds=10)
+        ExpertAutoscalingPolicy(idle_mode="zero", idle_seconds=10)
 
 
 @pytest.mark.parametrize(
@@ -400,7 +400,7 @@ def test_expert_policy_class_through_serves_wrapper_keeps_its_own_clocks(
     config = AutoscalingConfig(**serve_autoscaling_config(policy_settings, max_replicas=4))
     policy: Any = _resolve_policy_callable(config.policy)
     # Serve unpickles its own copy of the class (by value), so compare by name and settings.
-    assert type(policy).__name__ == "ExpertPolicy"
+    assert type(policy).__name__ == "ExpertAutoscalingPolicy"
     assert policy.settings.as_kwargs() == policy_settings.as_kwargs()
     ticks = [(0.0, 7.0, 3.0)] + [(float(t), 0.0, 0.0) for t in range(1, 60)] + [(60.0, 1.0, 1.0)]
     decisions = serve_ticks(policy, config, clock, ticks, start=1)

@@ -1,4 +1,7 @@
-"""The placement service's Serve wrapper without Ray: dead holders and broken checkpoints."""
+"""The placement service's Serve wrapper without a cluster: what it builds and passes on.
+
+The placement logic itself (grants, reports, dead holders) is tested against
+`memory_tiers.grant_service.GrantService` in tests/unit/memory_tiers."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import torch
 from ray.exceptions import ActorDiedError
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import cluster.serve.placement_replica as placement_module
-from actors.weights.tiered_weights import Grant
-from cluster.serve.placement_replica import PlacementReplica, actor_is_dead
+from cluster.config import parse_config
+from cluster.serve.metrics import TierMetrics
+from cluster.serve.placement_replica import PlacementReplica, actor_is_dead, arena_path
 from memory_tiers.ddr import InProcessObjectStore
 from memory_tiers.errors import ExpertUnavailable
 from memory_tiers.packing import checkpoint_nbytes
+from tests.unit.cluster.serve.test_metrics import FakeMetrics, tags
 
 CONFIG = LlamaConfig(
     vocab_size=128,
@@ -27,6 +31,7 @@ CONFIG = LlamaConfig(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
+NAMES = ("a", "b", "c")
 
 
 def _checkpoint(directory: Path, seed: int) -> Path:
@@ -35,18 +40,12 @@ def _checkpoint(directory: Path, seed: int) -> Path:
     return directory
 
 
-def _replica(tmp_path: Path, torn: bool = False) -> PlacementReplica:
-    names = ["a", "b", "c"]
-    checkpoints = {name: _checkpoint(tmp_path / name, seed) for seed, name in enumerate(names)}
-    nbytes = checkpoint_nbytes(checkpoints["a"], "float32")
-    if torn:
-        weights = checkpoints["c"] / "model.safetensors"
-        with weights.open("r+b") as handle:
-            handle.truncate(weights.stat().st_size // 2)
-    config = {
+def _config_data(tmp_path: Path, torn: bool) -> dict[str, Any]:
+    """Three experts whose checkpoints lie in `tmp_path`, with room for all three."""
+    nbytes = checkpoint_nbytes(tmp_path / "a", "float32")
+    return {
         "experts": [
-            {"name": name, "checkpoint": str(checkpoints[name]), "params_b": 0.001}
-            for name in names
+            {"name": name, "checkpoint": str(tmp_path / name), "params_b": 0.001} for name in NAMES
         ],
         "categories": [{"name": "general", "examples": ["Hello"]}],
         "category_map": {"general": "a"},
@@ -60,10 +59,23 @@ def _replica(tmp_path: Path, torn: bool = False) -> PlacementReplica:
         },
         "serve": {"app_name": "unit"},
     }
+
+
+def _replica(tmp_path: Path, torn: bool = False, probe: Any = None) -> PlacementReplica:
+    checkpoints = {name: _checkpoint(tmp_path / name, seed) for seed, name in enumerate(NAMES)}
+    if torn:
+        weights = checkpoints["c"] / "model.safetensors"
+        with weights.open("r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
     replica = PlacementReplica()
     replica.new_store = InProcessObjectStore
+    if probe is not None:
+        replica.holder_is_dead = probe
     replica.reconfigure(
-        {"config": config, "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+        {
+            "config": _config_data(tmp_path, torn),
+            "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        }
     )
     return replica
 
@@ -80,81 +92,84 @@ class _Verdicts:
         return contact in self.dead
 
 
-def test_a_dead_holders_lease_and_slot_are_reclaimed(tmp_path: Path) -> None:
+def test_nothing_is_served_before_the_first_configuration() -> None:
+    replica = PlacementReplica()
+    assert replica.service is None
+    with pytest.raises(RuntimeError, match="not been configured"):
+        replica.describe("a")
+    with pytest.raises(RuntimeError, match="not been configured"):
+        replica.metrics()
+
+
+def test_the_grant_service_gets_the_arena_file_and_tier_settings(tmp_path: Path) -> None:
     replica = _replica(tmp_path)
+    grants = replica._require()
+    assert replica.service is grants.placement
+    assert grants.placement.experts() == ["a", "b", "c"]
+    config = parse_config(_config_data(tmp_path, torn=False))
+    assert grants.placement.arena_path("host0") == arena_path(config)
+    assert grants.slots.slots == 2 and grants.placement.policy == "lru"
+    assert not grants.restarted and grants.ready_at == 0.0
+    assert replica.describe("a")["arena_path"] == str(arena_path(config))
+
+
+def test_the_holder_probe_is_the_one_the_replica_was_given(tmp_path: Path) -> None:
     verdicts = _Verdicts()
-    replica.holder_is_dead = verdicts
+    replica = _replica(tmp_path, probe=verdicts)
 
     async def scenario() -> None:
         lost = await replica.acquire("a", "replica-1", "contact-1")
-        kept = await replica.acquire("b", "replica-2", "contact-2")
-        assert replica.slots.active == 2
-        # Both slots taken: without reclaiming, a third request would wait for ever.
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(replica.acquire("c", "replica-3", "contact-3"), 0.05)
-        assert await replica.reclaim_dead_holders() == 0  # nobody died yet
         verdicts.dead.add("contact-1")
-        assert await replica.reclaim_dead_holders() == 1
-        metrics = replica.metrics()
-        assert metrics["reclaimed_grants"] == 1 and metrics["outstanding_grants"] == 1
-        in_use = {r["expert"]: r["in_use"] for r in replica.residency()["host0"]["residents"]}
-        assert in_use == {"a": 0, "b": 1}
-        third = await asyncio.wait_for(replica.acquire("c", "replica-3", "contact-3"), 5)
+        assert await replica._require().reclaim_dead_holders() == 1
+        assert verdicts.asked == ["contact-1"]
+        assert replica.metrics()["reclaimed_grants"] == 1
         replica.release(lost)  # a late release of a reclaimed grant is harmless
-        replica.release(kept)
-        replica.release(third)
-        assert replica.slots.active == 0 and replica.metrics()["outstanding_grants"] == 0
+        assert replica._require().slots.active == 0
 
     asyncio.run(scenario())
 
 
-def test_the_watcher_reclaims_without_being_asked_and_stops_when_idle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(placement_module, "HOLDER_CHECK_INTERVAL_S", 0.01)
+def test_releases_and_prefetches_export_the_tier_metrics(tmp_path: Path) -> None:
     replica = _replica(tmp_path)
-    verdicts = _Verdicts()
-    verdicts.dead.add("gone")
-    replica.holder_is_dead = verdicts
+    fake = FakeMetrics()
+    replica.tier_metrics = TierMetrics(fake)
 
     async def scenario() -> None:
-        await replica.acquire("a", "replica-1", "gone")
-        await replica.acquire("a", "replica-1", "gone")
-        for _ in range(500):
-            if replica.ledger.outstanding() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert replica.ledger.reclaimed == 2 and replica.slots.active == 0
-        assert replica._watcher is not None
-        await asyncio.wait_for(replica._watcher, 1)  # nothing outstanding: it ends
+        replica.release(await replica.acquire("a"))
+        assert await replica.prefetch("b") is True
 
     asyncio.run(scenario())
-
-
-def test_grants_without_a_holder_are_not_tracked(tmp_path: Path) -> None:
-    replica = _replica(tmp_path)
-
-    async def scenario() -> Grant:
-        return await replica.acquire("a")
-
-    grant = asyncio.run(scenario())
-    assert replica.ledger.outstanding() == 0
-    replica.release(grant)
-    assert replica.slots.active == 0
+    events = fake.made["coe_tier_events"].values
+    assert events[tags(device="host0", event="switch_in")] == 2.0
+    assert events[tags(device="host0", event="prefetch")] == 1.0
 
 
 def test_a_truncated_checkpoint_marks_only_its_expert(tmp_path: Path) -> None:
     replica = _replica(tmp_path, torn=True)
-    assert replica._require().experts() == ["a", "b"]
+    assert replica._require().placement.experts() == ["a", "b"]
     reason = replica.metrics()["broken"]["c"]
     assert "expert 'c' is unavailable" in reason and str(tmp_path / "c") in reason
+    assert f"its checkpoint {tmp_path / 'c'} could not be packed: " in reason
     with pytest.raises(ExpertUnavailable, match="could not be packed"):
         replica.describe("c")
     with pytest.raises(ExpertUnavailable, match="expert 'c'"):
         asyncio.run(replica.acquire("c", "r", None))
     assert asyncio.run(replica.prefetch("c")) is False
-    assert replica.slots.active == 0
+    assert replica._require().slots.active == 0
     assert replica.describe("a")["index"]
+
+
+def test_a_later_configuration_packs_only_the_new_experts(tmp_path: Path) -> None:
+    replica = _replica(tmp_path, torn=True)
+    grants = replica._require()
+    assert "c" in grants.broken
+    fixed = _checkpoint(tmp_path / "c-fixed", 2)
+    data = _config_data(tmp_path, torn=True)
+    data["experts"][2]["checkpoint"] = str(fixed)
+    checkpoints = {e["name"]: e["checkpoint"] for e in data["experts"]}
+    replica.reconfigure({"config": data, "checkpoints": checkpoints})
+    assert replica._require() is grants  # same arena, same incarnation
+    assert grants.broken == {} and grants.placement.experts() == ["a", "b", "c"]
 
 
 class _Contact:

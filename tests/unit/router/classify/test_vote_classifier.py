@@ -10,14 +10,15 @@ import pytest
 import scipy.sparse as sp
 
 from router.classify.classifier import ClassifierLoadError
-from router.classify.features import TextClassifier, load_router_classifier
+from router.classify.features import TextClassifier
+from router.classify.loading import load_router_classifier
 from router.classify.neighbour_votes import VoteMixture
 from router.classify.vote_classifier import (
     VOTES_ARRAYS_FILE,
     VOTES_META_FILE,
     NeighbourVoteClassifier,
-    fit_neighbour_vote_classifier,
 )
+from router.training.vote_fit import fit_neighbour_vote_classifier
 from tests.unit.router.classify.test_classifier import text_data
 
 
@@ -89,14 +90,6 @@ def test_bad_references_are_refused(fitted: NeighbourVoteClassifier) -> None:
         NeighbourVoteClassifier(
             fitted.classifier, fitted.mixture, vectors[:1], sp.csr_matrix(words[:1]), targets[:1]
         )
-
-
-def test_training_needs_two_prompts_per_category() -> None:
-    texts, vectors, labels = text_data(5, seed=0)
-    with pytest.raises(ValueError, match="at least two labelled prompts per category"):
-        fit_neighbour_vote_classifier(texts[:11], vectors[:11], labels[:11])
-    with pytest.raises(ValueError, match="one text and one vector per label"):
-        fit_neighbour_vote_classifier(texts, vectors[:-1], labels)
 
 
 def test_load_errors_name_the_problem(fitted: NeighbourVoteClassifier, tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ import pytest
 
 from benchmarks.router_latency import load_prompt_file
 from router.embed import static_embedder as static
-from router.embed.embedder import KNOWN_EMBEDDERS, make_embedder, variant_name
+from router.embed.embedder import make_embedder
+from router.embed.names import KNOWN_EMBEDDERS, STATIC_EMBEDDER_NAME, variant_name
 from router.embed.static_embedder import DistillSettings, StaticEmbedder, StaticEmbedderError
+from tests.conftest import PROJECT_ROOT
 
 # Ids below 2100 hold BERT's single characters (999-1995) and its ~100 commonest words.
 SETTINGS = DistillSettings(pca_dims=None, sif_coefficient=1e-3, vocab_limit=2100)
@@ -28,7 +30,7 @@ TOKENIZER_CASES = [
     "",
     "   ",
 ]
-PROMPTS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "prompts"
+PROMPTS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "prompts"
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def test_pca_wider_than_the_model_is_refused() -> None:
 def test_embedder_names() -> None:
     assert variant_name(128, True) == "all-MiniLM-L6-v2-int8-seq128"
     assert variant_name(None, False) == "all-MiniLM-L6-v2"
-    assert static.STATIC_EMBEDDER_NAME in KNOWN_EMBEDDERS
+    assert STATIC_EMBEDDER_NAME in KNOWN_EMBEDDERS
     for bad in ("all-MiniLM-L6-v2-seq", "minilm", "all-MiniLM-L6-v2-int4"):
         with pytest.raises(ValueError, match="unknown embedder"):
             make_embedder(bad)

@@ -1,3 +1,5 @@
+"""The MMLU-Pro data set: loading, prompts, writing, stratified splits and bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +18,8 @@ from router.training.mmlu_pro import (
     stratified_split,
     write_dataset,
 )
+from tests.conftest import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_MMLU = PROJECT_ROOT.parent / "shared" / "data" / "mmlu_pro"
 
 TOPICS = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import itertools
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from router.choose.score_table import ScoreTable, score_table_from_correctness
 from router.training.optimiser import (
     InfeasibleBudget,
-    ScoreTable,
     map_choice,
     minimum_cost_b,
     optimise_map,
     quality_frontier,
-    score_table_from_correctness,
 )
+from tests.conftest import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MMLU_PRO = PROJECT_ROOT.parent / "shared" / "data" / "mmlu_pro"
 
 

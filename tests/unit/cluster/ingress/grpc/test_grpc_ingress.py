@@ -37,7 +37,7 @@ from cluster.ingress.grpc.methods import (
     status_code_for,
 )
 from cluster.ingress.service import CoEService
-from cluster.serve import grpc_proxy
+from cluster.serve import grpc_proxy, ray_internals
 from router.decision import RouteDecision
 from tests.unit.fakes import FakeBackend
 
@@ -483,10 +483,8 @@ def test_serve_start_options() -> None:
 
 
 def test_servicer_functions_and_hook_resolve() -> None:
-    from ray._common.utils import import_attr
-
     for path in [*grpc_proxy.SERVICER_FUNCTIONS, grpc_proxy.SETUP_HOOK]:
-        assert callable(import_attr(path))
+        assert callable(ray_internals.resolve_import_path(path))
 
 
 @pytest.mark.parametrize(
@@ -496,15 +494,17 @@ def test_servicer_functions_and_hook_resolve() -> None:
 def test_bind_hook_rewrites_the_proxy_address(
     monkeypatch: pytest.MonkeyPatch, host: str, expected: str
 ) -> None:
-    from ray.serve._private import default_impl
-
     bound: list[str] = []
-    monkeypatch.setattr(default_impl, "add_grpc_address", lambda _s, a: bound.append(a))
-    monkeypatch.setenv(grpc_proxy.GRPC_HOST_ENV, host)
-    grpc_proxy.bind_grpc_to_host()
-    grpc_proxy.bind_grpc_to_host()  # idempotent: wraps once
-    server: Any = object()
-    default_impl.add_grpc_address(server, "[::]:9100")
+    serves_bind = ray_internals.serve_grpc_bind()
+    ray_internals.set_serve_grpc_bind(lambda _s, a: bound.append(a))
+    try:
+        monkeypatch.setenv(grpc_proxy.GRPC_HOST_ENV, host)
+        grpc_proxy.bind_grpc_to_host()
+        grpc_proxy.bind_grpc_to_host()  # idempotent: wraps once
+        server: Any = object()
+        ray_internals.serve_grpc_bind()(server, "[::]:9100")
+    finally:
+        ray_internals.set_serve_grpc_bind(serves_bind)
     assert bound == [expected]
 
 

@@ -1,0 +1,291 @@
+"""The placement protocol expert replicas follow, around one device's `PlacementService`.
+
+`GrantService` adds what serving needs on top of the placement service:
+
+- a grant per request: an active slot (SRAM) paired with an HBM lease;
+- experts whose source cannot be packed are marked unavailable, and the others serve;
+- after a restart (the device's arena file survived), replicas report what an earlier
+  incarnation granted them; a report is accepted only when the arena still holds
+  exactly that expert's bytes, and switches wait out a grace period first so that a
+  reported expert is not overwritten before its report arrives;
+- grants are recorded under their holder and, while any is outstanding, the holders
+  are checked with a liveness probe: a dead holder's leases and slots are taken back.
+
+No Ray here: the cluster injects the object store, the arena file's device spec, the
+liveness probe and the logger, and serves this class from its placement deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from memory_tiers.arena import Region
+from memory_tiers.ddr import ExpertSource, ObjectStore
+from memory_tiers.errors import ArenaError, ExpertUnavailable, TierError
+from memory_tiers.grants import Grant, GrantLedger
+from memory_tiers.hbm import Lease
+from memory_tiers.placement import DeviceSpec, ExpertRecord, PlacementService, ResidencyReport
+from memory_tiers.sram import ActiveSlots
+
+# After a restart, replicas report what they hold within this many seconds; switches
+# that would overwrite arena bytes wait that long so a reported expert is not clobbered.
+REPORT_INTERVAL_S = 1.0
+RESTART_GRACE_S = 3 * REPORT_INTERVAL_S
+# While grants are outstanding, their holders are checked this often: a replica that
+# died mid-request gets its lease and active slot back within about this long.
+HOLDER_CHECK_INTERVAL_S = 2.0
+
+# Whether the holder reachable through a contact is dead for good. Only a definite
+# answer may say so: a busy or unreachable holder must count as alive.
+HolderProbe = Callable[[Any], Awaitable[bool]]
+
+
+def arena_survived(device: DeviceSpec) -> bool:
+    """Whether `device`'s arena file is already there at its full size: an earlier
+    incarnation made it, and its residents may still be in it."""
+    path = device.arena_path
+    return (
+        device.arena == "file"
+        and path is not None
+        and path.is_file()
+        and path.stat().st_size == device.budget_bytes
+    )
+
+
+class GrantService:
+    """Grants, residency reports and dead holders for one device (see module docstring)."""
+
+    def __init__(
+        self,
+        device: DeviceSpec,
+        store: ObjectStore,
+        *,
+        is_dead: HolderProbe,
+        policy: str = "lru",
+        active_slots: int = 1,
+        pinned: Sequence[str] = (),
+        logger: logging.Logger | None = None,
+        restart_grace_s: float = RESTART_GRACE_S,
+        holder_check_interval_s: float = HOLDER_CHECK_INTERVAL_S,
+    ) -> None:
+        self.device = device.name
+        self.restarted = arena_survived(device)  # checked before the arena is opened
+        self.placement = PlacementService([device], store, policy)
+        self.slots = ActiveSlots(active_slots)
+        self.ledger = GrantLedger()
+        self.incarnation = uuid.uuid4().hex
+        self.is_dead = is_dead
+        self.logger = logger or logging.getLogger(__name__)
+        self.restart_grace_s = restart_grace_s
+        self.holder_check_interval_s = holder_check_interval_s
+        self.pinned = list(pinned)  # pins not made yet
+        self.ready_at = 0.0
+        self.refused_reports = 0
+        # Experts whose source could not be packed, and why: the others still serve.
+        self.broken: dict[str, str] = {}
+        self.holder_watch: asyncio.Task[None] | None = None
+
+    # -- experts -------------------------------------------------------------------
+
+    def has_expert(self, expert: str) -> bool:
+        """Whether `expert` is packed into DDR (an unavailable one is not)."""
+        return expert in self.placement.experts()
+
+    def register(self, expert: str, source: ExpertSource, origin: str) -> ExpertRecord | None:
+        """Pack `expert` into DDR; None, and the expert unavailable, when that fails.
+
+        `origin` names where the bytes come from (e.g. "checkpoint /path") for the
+        reason replicas get when they ask for the unavailable expert.
+        """
+        try:
+            record = self.placement.register(expert, source)
+        except Exception as error:  # one bad checkpoint must not take down every expert
+            self.broken[expert] = (
+                f"expert {expert!r} is unavailable: its {origin} could not be packed: "
+                f"{type(error).__name__}: {error}"
+            )
+            self.logger.error("placement: %s", self.broken[expert])
+            return None
+        self.broken.pop(expert, None)
+        self.logger.info("placement: %s packed into DDR (%d bytes)", expert, record.nbytes)
+        return record
+
+    def start(self) -> None:
+        """Begin serving once the first experts are registered. After a restart, grants
+        wait for the replicas' reports (the grace starts now, after the slow packing);
+        otherwise the pinned experts are switched in at once."""
+        if self.restarted:
+            self.ready_at = time.monotonic() + self.restart_grace_s
+            return
+        for name in self.pinned:
+            if name not in self.broken:
+                self.placement.pin(name, self.device)
+        self.pinned = []
+
+    async def _after_grace(self) -> None:
+        delay = self.ready_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+            for name in self.pinned:  # pin once reported residents are known
+                if name not in self.broken:
+                    await asyncio.to_thread(self.placement.pin, name, self.device)
+            self.pinned = []
+
+    def _check_available(self, expert: str) -> None:
+        reason = self.broken.get(expert)
+        if reason is not None:
+            raise ExpertUnavailable(reason)
+
+    # -- what replicas call --------------------------------------------------------
+
+    def describe(self, expert: str) -> dict[str, Any]:
+        """The arena file and tensor index an expert replica binds against."""
+        self._check_available(expert)
+        index = self.placement.index(expert)
+        return {
+            "device": self.device,
+            "arena_path": str(self.placement.arena_path(self.device)),
+            "index": index.to_json(),
+        }
+
+    async def acquire(self, expert: str, holder: str = "", contact: Any = None) -> Grant:
+        """A grant for one request. `holder` (the replica's id) and `contact` (what the
+        liveness probe asks) let the service take the grant back should the replica die."""
+        self._check_available(expert)
+        await self._after_grace()
+        started = time.perf_counter()
+        slot = await self.slots.acquire(expert)
+        waited = time.perf_counter() - started
+        try:
+            lease = await self.placement.acquire_async(expert, self.device)
+        except BaseException:
+            self.slots.release(slot)
+            raise
+        if holder:
+            # Recorded even when the caller is gone by now: the watcher reclaims it.
+            self.ledger.record(holder, contact, lease, slot)
+            self._watch_holders()
+        return Grant(lease=lease, slot=slot, incarnation=self.incarnation, slot_wait_s=waited)
+
+    def release(self, grant: Grant) -> None:
+        if grant.incarnation != self.incarnation:
+            # Granted by a previous incarnation: its lease came back through a report.
+            self._release_lease(grant.lease)
+        else:
+            self.ledger.settle(grant.lease.lease_id)
+            self._release_slot(grant.slot)
+            self._release_lease(grant.lease)
+
+    def _release_slot(self, slot: int) -> None:
+        try:
+            self.slots.release(slot)
+        except ValueError as error:  # already reclaimed: nothing left to give back
+            self.logger.warning("placement: ignoring release of slot %d: %s", slot, error)
+
+    def _release_lease(self, lease: Lease) -> None:
+        try:
+            self.placement.release(lease)
+        except TierError as error:  # an unknown lease after a restart is not fatal
+            self.logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
+
+    async def prefetch(self, expert: str) -> bool:
+        """Start switching `expert` in ahead of its request; True if a copy was made."""
+        if expert in self.broken:
+            return False
+        await self._after_grace()
+        return await asyncio.to_thread(self.placement.prefetch, expert, self.device)
+
+    # -- restart -------------------------------------------------------------------
+
+    async def report(self, report: ResidencyReport, incarnation: str) -> bool:
+        """A replica says what an earlier incarnation granted it; accepted when the arena
+        really holds those bytes. Reports about this incarnation's own grants are news
+        to nobody and are ignored (an evicted expert must stay evicted)."""
+        if incarnation == self.incarnation:
+            return False
+        residency = self.placement.residency()[report.device]
+        if any(r.expert == report.expert for r in residency.residents):
+            return False
+        if not await asyncio.to_thread(self._holds_expert_bytes, report):
+            self.refused_reports += 1
+            return False
+        refused = self.placement.restore_from_reports([report])
+        if refused:
+            self.logger.warning("placement: report refused: %s", refused)
+        return not refused
+
+    def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
+        expected = self.placement.ddr_buffer(report.expert)
+        if expected.nbytes != report.nbytes:
+            return False
+        region = Region(report.offset, report.nbytes)
+        try:
+            held = self.placement.arena(report.device).host_view(region)
+        except ArenaError:  # a region outside this arena holds nothing of the expert
+            return False
+        return bool(np.array_equal(held, expected))
+
+    # -- dead holders ----------------------------------------------------------------
+
+    def _watch_holders(self) -> None:
+        if self.holder_watch is None or self.holder_watch.done():
+            self.holder_watch = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        """Check holders while any grant is outstanding; stop when none is."""
+        while self.ledger.outstanding():
+            await asyncio.sleep(self.holder_check_interval_s)
+            try:
+                await self.reclaim_dead_holders()
+            except Exception:  # keep watching; a failed check is retried next round
+                self.logger.exception("placement: checking grant holders failed")
+
+    async def reclaim_dead_holders(self) -> int:
+        """End every grant whose holder died (lease and slot); returns how many."""
+        contacts = self.ledger.contacts()
+        verdicts = await asyncio.gather(*(self.is_dead(c) for c in contacts.values()))
+        reclaimed = 0
+        for holder, dead in zip(contacts, verdicts, strict=True):
+            if not dead:
+                continue
+            for held in self.ledger.reclaim(holder):
+                self._release_slot(held.slot)
+                self._release_lease(held.lease)
+                reclaimed += 1
+                self.logger.warning(
+                    "placement: reclaimed lease %d on %s (and its active slot) from %s, "
+                    "which died holding it",
+                    held.lease.lease_id,
+                    held.lease.expert,
+                    holder,
+                )
+        return reclaimed
+
+    # -- operators -----------------------------------------------------------------
+
+    def residency(self) -> dict[str, Any]:
+        return self.placement.residency_json()
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            **self.placement.metrics(),
+            "incarnation": self.incarnation,
+            "refused_reports": self.refused_reports,
+            "outstanding_grants": self.ledger.outstanding(),
+            "reclaimed_grants": self.ledger.reclaimed,
+            "broken": dict(self.broken),
+            "slots": self.slots.stats().to_dict(),
+        }
+
+    def pin(self, expert: str) -> None:
+        self.placement.pin(expert, self.device)
+
+    def unpin(self, expert: str) -> None:
+        self.placement.unpin(expert, self.device)
