@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.coe_quality --train DIR --test DIR \
         --budget-b 35 --budget-b 50 --json OUT.json [--plot OUT.png]
 
-Each DIR is a dataset directory (see router/mmlu_pro.py). Everything is learned from
+Each DIR is a dataset directory (see router/training/mmlu_pro.py). Everything is learned from
 --train: the classifier, its temperature, the neighbour-vote mixture, the score tables
 and every routing setting (cost price, confidence threshold), the latter on
 cross-validated predictions over --train (each train question predicted by a
@@ -19,7 +19,7 @@ Routing modes (all reported under "modes"; --mode picks the one in "budgets"):
   cross-validated probabilities; the price is the smallest whose cost fits the budget.
 - soft-knn (default, the best of these in cross-validation on train): soft routing on
   sharper category probabilities, the classifier's mixed with the votes of the nearest
-  training prompts by embedding and by TF-IDF (router/neighbour_votes.py; weights
+  training prompts by embedding and by TF-IDF (router/classify/neighbour_votes.py; weights
   chosen by cross-validated log loss). Its price and threshold are chosen on
   cross-fitted rows: each fold routed with scores from the other folds only.
 Each mode may send prompts below a confidence threshold to the generalist (the best

@@ -24,7 +24,7 @@ beforehand), which gives the router's own overhead free of the embedder's timing
 Without --classifier a classifier of --classifier-kind (default text-logreg, the
 router's: TF-IDF n-grams + embedding) is trained on a stratified sample of the MMLU-Pro
 questions (embeddings cached on disk by content hash). --embedder picks any name
-`router.embedder.make_embedder` knows (the full MiniLM, its truncated / int8 variants,
+`router.embed.embedder.make_embedder` knows (the full MiniLM, its truncated / int8 variants,
 the static table distilled from it); the time to load or build it is reported too.
 """
 

@@ -1,7 +1,7 @@
 """The Ray Serve deployments: experts, the router, the placement service and the ingress.
 
 Each replica class wraps a plain class from `actors/`, `router/` or
-`cluster/service.py` and only adds what Serve needs (handles, threads for blocking
+`cluster/ingress/service.py` and only adds what Serve needs (handles, threads for blocking
 work). The classes live in one module per replica kind because Serve pickles a
 class by reference: every replica process imports the module that defines its
 class, and with one shared module every expert paid for the ingress's imports

@@ -1,4 +1,4 @@
-"""The ingress's `Backend` made of Serve deployment handles (see cluster/service.py).
+"""The ingress's `Backend` made of Serve deployment handles (see cluster/ingress/service.py).
 
 Imported by the ingress replica, so it stays as light as the ingress: handles and
 the engine's request/result dataclasses, no router, torch or memory tiers.

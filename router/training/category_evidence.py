@@ -5,10 +5,10 @@ saw it:
 
 - `class_predictions`: log p(class | prompt) from the configured classifier,
   cross-validated over the training rows (cached on disk by content hash, see
-  router/out_of_fold.py) and from the classifier fitted on all of them for the test rows.
+  router/training/out_of_fold.py) and from the classifier fitted on all of them for the test rows.
 - `neighbour_indexes`: the nearest training prompts of every prompt, by sentence
   embedding and by TF-IDF words; leave-one-out for training rows. Their category votes
-  are mixed with the classifier in router/neighbour_votes.py.
+  are mixed with the classifier in router/training/vote_fit.py.
 
 Classes are the categories, or category/source-family pairs ("physics/stemez") when
 `subcategories` asks for a finer map; `parent` maps a class back to its category.
