@@ -266,6 +266,12 @@ class ServeSettings(StrictModel):
         0.1, ge=0, description="Logical CPUs reserved for the ingress replica."
     )
     app_name: str = Field("coe", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field(
+        "/",
+        pattern=r"^/[A-Za-z0-9_\-/]*$",
+        description="HTTP path the application serves under ('/' unless several "
+        "applications share one Serve instance).",
+    )
     max_prompt_chars: int = Field(
         8000, ge=1, description="Longest conversation (characters of all messages) accepted."
     )

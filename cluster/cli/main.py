@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from actors.weights.checkpoint import CheckpointError
+from cluster.cli.apply_command import add_apply_command
 from cluster.cli.bench_commands import add_bench_commands
 from cluster.cli.router_commands import CommandInputError, add_router_commands
 from cluster.cli.status_command import add_status_command
@@ -36,24 +37,6 @@ def _demo_build(args: argparse.Namespace) -> int:
     built = build_demo(config.resolved_cache_dir(), sources, say)
     for name, directory in built.items():
         say(f"{name}: {directory}")
-    return 0
-
-
-def _apply(args: argparse.Namespace) -> int:
-    """Push a changed config to a running cluster: Serve updates only what changed."""
-    from cluster.serve import lifecycle
-    from cluster.setup_steps import prepare_checkpoints
-
-    config = load_config(args.config)
-    checkpoints = prepare_checkpoints(config, progress=say)
-
-    def unavailable(error: Exception) -> ClusterUnavailable:
-        return ClusterUnavailable(f"no running cluster at {args.address!r}: {error}")
-
-    with lifecycle.joined(args.address, unavailable=unavailable):
-        say(f"applying {args.config} to application {config.serve.app_name!r}")
-        lifecycle.deploy(config, checkpoints)
-        say("applied: the router reconfigured in place; unchanged experts kept running")
     return 0
 
 
@@ -92,15 +75,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="config YAML")
     check.set_defaults(run=_config_check)
 
-    apply = commands.add_parser(
-        "apply",
-        help="apply a changed config to a running cluster (new experts, categories, map, "
-        "scores) without restarting what did not change",
-    )
-    apply.add_argument("config", help="config YAML")
-    apply.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
-    apply.set_defaults(run=_apply)
-
+    add_apply_command(commands)
     add_router_commands(commands)
     add_tier_commands(commands)
     add_status_command(commands)

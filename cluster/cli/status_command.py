@@ -63,7 +63,7 @@ def _serve_details() -> dict[str, Any]:
         raise ClusterUnavailable(f"Ray runs but Serve does not ({error})") from None
 
 
-def _call(app: str, deployment: str, method: str) -> tuple[Any, str | None]:
+def call_deployment(app: str, deployment: str, method: str) -> tuple[Any, str | None]:
     """One deployment method's answer, or why there is none (never raises)."""
     from ray import serve
 
@@ -118,7 +118,7 @@ def gather_status(address: str, app: str) -> dict[str, Any]:
             if deployment not in deployments:
                 gathered[key] = None
                 continue
-            gathered[key], problem = _call(app, deployment, method)
+            gathered[key], problem = call_deployment(app, deployment, method)
             if problem is not None:
                 problems.append(problem)
         gathered["problems"] = problems

@@ -16,6 +16,7 @@ from ray.serve import Application, Deployment
 
 from cluster.config import AutoscalingSettings, CoEConfig, ConfigError, ExpertSettings, load_config
 from cluster.console import COE_PREFIX, sayer
+from cluster.ingress.auth import key_fingerprint
 from cluster.serve.autoscaling import PolicySettings, serve_autoscaling_config
 from cluster.serve.deployments import (
     ExpertDeployment,
@@ -151,7 +152,11 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         # request at the proxy, even ones refused in milliseconds (found by the soak).
         max_ongoing_requests=INGRESS_MAX_ONGOING,
     )
-    return ingress.bind(as_dict, router, experts, placement, config.serve.resolved_api_key())
+    api_key = config.serve.resolved_api_key()
+    # Versioned like the others, so an apply that changes nothing it depends on keeps
+    # its streams; the key enters the version only as its fingerprint.
+    version_parts = (as_dict, key_fingerprint(api_key), placement is not None)
+    return _versioned(ingress, *version_parts).bind(as_dict, router, experts, placement, api_key)
 
 
 class BuilderArgs(BaseModel):

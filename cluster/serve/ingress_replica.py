@@ -64,6 +64,10 @@ class IngressReplica(GrpcIngressMixin):
     def models(self) -> dict[str, Any]:
         return self.service.models()
 
+    def api_key_fingerprint(self) -> str | None:
+        """The running key's fingerprint, for `coe apply` to compare; never the key."""
+        return self.gate.fingerprint
+
     def stats(self) -> dict[str, Any]:
         """This replica's request counts since it started (`coe status`)."""
         return self.observer.snapshot()

@@ -169,11 +169,11 @@ def run_app(application: Application, name: str, route_prefix: str = "/") -> Non
     serve.run(application, name=name, route_prefix=route_prefix)
 
 
-def deploy(config: CoEConfig, checkpoints: dict[str, Path], route_prefix: str = "/") -> None:
-    """The CoE application of `config`, deployed under its configured name."""
+def deploy(config: CoEConfig, checkpoints: dict[str, Path]) -> None:
+    """The CoE application of `config`, deployed under its configured name and prefix."""
     from cluster.serve.app import build_app
 
-    run_app(build_app(config, checkpoints), config.serve.app_name, route_prefix)
+    run_app(build_app(config, checkpoints), config.serve.app_name, config.serve.route_prefix)
 
 
 def undeploy(app_name: str, config: CoEConfig | None = None) -> None:

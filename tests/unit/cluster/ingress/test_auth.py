@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cluster.config import ServeSettings
-from cluster.ingress.auth import ApiKeyGate
+from cluster.ingress.auth import ApiKeyGate, key_fingerprint
 from cluster.ingress.http_api import build_http_app
 from cluster.ingress.service import CoEService
 from tests.unit.fakes import FakeBackend
@@ -188,3 +188,13 @@ def test_key_is_never_logged(
         locked.get("/v1/models", headers={"Authorization": f"Basic {KEY}"})
     assert caplog.records  # something was logged at DEBUG, and none of it is the key
     assert KEY not in caplog.text
+
+
+def test_a_key_fingerprint_identifies_the_key_without_holding_it() -> None:
+    fingerprint = key_fingerprint("correct horse")
+    assert fingerprint is not None and "correct" not in fingerprint
+    assert key_fingerprint(" correct horse\n") == fingerprint  # the gate strips keys too
+    assert key_fingerprint("correct horsf") != fingerprint
+    assert key_fingerprint(None) is None and key_fingerprint("  ") is None
+    assert ApiKeyGate("correct horse").fingerprint == fingerprint
+    assert ApiKeyGate(None).fingerprint is None

@@ -169,3 +169,28 @@ def test_coe_autoscaling_policy_emits_the_expert_policy() -> None:
     # The policy keeps its own clocks; Serve's must not add to them.
     assert emitted["upscale_delay_s"] == emitted["downscale_delay_s"] == 0.0
     assert (emitted["min_replicas"], emitted["max_replicas"]) == (0, 3)
+
+
+def test_the_ingress_version_is_stable_and_follows_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-applying the same config keeps the ingress (and its streams); a new key or a
+    config change restarts it. The version carries the key only as its fingerprint."""
+
+    def ingress_version(key: str | None, data: dict[str, Any] | None = None) -> str:
+        if key is None:
+            monkeypatch.delenv("COE_API_KEY", raising=False)
+        else:
+            monkeypatch.setenv("COE_API_KEY", key)
+        config = parse_config(data or demo_data())
+        version = bound(build_app(config, {e.name: tmp_path for e in config.experts})).version
+        assert isinstance(version, str) and "k-one" not in version
+        return version
+
+    keyed = ingress_version("k-one")
+    assert ingress_version("k-one") == keyed
+    assert ingress_version("k-two") != keyed
+    assert ingress_version(None) not in {keyed, ingress_version("k-two")}
+    changed = demo_data()
+    changed["serve"] = {**changed.get("serve", {}), "max_tokens_limit": 777}
+    assert ingress_version("k-one", changed) != keyed
