@@ -2,7 +2,7 @@
 
 The long run is `python -m benchmarks.soak`; this smoke version checks that the cluster
 gives no unexpected status under the mix, refuses every bad request with its own 4xx,
-survives clients that hang up mid-stream, and that the memory figures are measured.
+survives clients that hang up mid-stream, and that memory stays within a bound.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from tests.integration.conftest import RunningCluster
 
 pytestmark = pytest.mark.integration
 
+# Largest memory growth (replicas + Serve's actors + object store) a short soak may show.
+MAX_GROWTH_FRACTION = 0.25
 PROMPTS = [
     "What is the capital of France?",
     "Solve 3x + 4 = 19 for x.",
@@ -54,7 +56,10 @@ def test_short_soak_gets_no_unexpected_status(cluster: RunningCluster, tmp_path:
         assert memory[moment]["replica_bytes"] > 0
         # This process is the cluster's driver, so the object store is measured too.
         assert memory[moment]["object_store_bytes"] is not None
-    assert memory["growth_bytes"] is not None
+    # The cluster is warm (earlier tests ran on it): a short mixed run may page in a little
+    # more, but not grow by a quarter; the ten-minute soak grew 12% from a cold start.
+    assert memory["growth_fraction"] is not None
+    assert memory["growth_fraction"] < MAX_GROWTH_FRACTION, memory
     # Clients that hung up mid-stream left the cluster able to answer.
     body = {"model": "coe", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8}
     response = httpx.post(
