@@ -245,6 +245,12 @@ class TierSettings(StrictModel):
     active_slots: int = Field(
         2, ge=1, description="Experts that may execute at once per device (the SRAM tier)."
     )
+    slot_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest a request waits for an active slot; after that it fails "
+        "(503 expert_unavailable) instead of waiting behind a holder that hangs.",
+    )
     arena_dir: str = Field(
         "/dev/shm",
         description="Where the host arena file of a CPU device lives (shared memory).",

@@ -2,10 +2,12 @@
 
 A device's HBM budget is one arena allocated once. On a CPU-only node it is a
 file-backed shared mapping (in /dev/shm) that the placement service creates and
-pre-faults and every expert replica on the node attaches, so they share its bytes and
-the bytes outlive a placement-service restart. In one process it can be a plain
-numpy array; on CUDA it is one ``torch.empty(capacity, uint8, device="cuda:N")`` per
-replica process (sharing GPU memory across processes would need CUDA IPC).
+pre-faults and every expert replica on the node attaches read-only, so they share its
+bytes and the bytes outlive a placement-service restart. The file is private to the
+user running the cluster: created exclusively with mode 0600, attached only while it
+still is. In one process it can be a plain numpy array; on CUDA it is one
+``torch.empty(capacity, uint8, device="cuda:N")`` per replica process (sharing GPU
+memory across processes would need CUDA IPC).
 
 ``RegionAllocator`` is the bookkeeping only (aligned first-fit with coalescing); the
 HBM cache owns one per device and never touches memory.
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import mmap
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +33,8 @@ from memory_tiers.errors import ArenaError
 from memory_tiers.packing import ALIGNMENT, align_up
 
 PAGE_BYTES = mmap.PAGESIZE
+# A new arena file: ours alone, never a file or link someone left at its name.
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 ArenaKind = Literal["memory", "file", "cuda"]
 
 
@@ -143,6 +150,7 @@ class DeviceArena:
         device_tensor: torch.Tensor | None = None,
         path: Path | None = None,
         mapping: mmap.mmap | None = None,
+        lock: int | None = None,
     ) -> None:
         self.kind = kind
         self.capacity = capacity
@@ -150,6 +158,9 @@ class DeviceArena:
         self._host = host
         self._device_tensor = device_tensor
         self._mapping = mapping
+        # A file arena's descriptor, holding a shared flock for as long as this process
+        # maps the file: a file nobody locks is mapped by nobody (see arena_files.py).
+        self._lock = lock
 
     # -- construction ------------------------------------------------------------
 
@@ -165,43 +176,64 @@ class DeviceArena:
     def create_file(cls, path: Path, capacity: int) -> DeviceArena:
         """Create (or replace) a shared file-backed arena and pre-fault it.
 
-        The new file is built under a temporary name and renamed into place, so a
-        process still mapping an older arena at ``path`` keeps its own bytes intact.
+        The file is ours alone: it is built under a fresh random name, created
+        exclusively (a file or link already there is never written through) with mode
+        0600, then renamed into place, so a process still mapping an older arena at
+        ``path`` keeps its own bytes intact. The file system must have room for all of
+        it first: pre-faulting a file larger than a tmpfs's free space kills the
+        process with SIGBUS, so that fails here with ``ArenaError`` instead.
         """
         _check_capacity(capacity)
         path = Path(path)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        _check_room(path.parent, capacity)
+        staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
         try:
-            descriptor = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            descriptor = os.open(staging, _CREATE_FLAGS, 0o600)
         except OSError as error:
             raise ArenaError(f"cannot create arena file {path}: {error}") from error
+        arena = None
         try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # in use from before it has its name
             os.ftruncate(descriptor, capacity)
             arena = cls._map(path, descriptor, capacity, populate=False)
             assert arena._host is not None
             arena._host[::PAGE_BYTES] = 0  # allocate every page of the file now
             os.replace(staging, path)
         except OSError as error:
+            if arena is None:
+                os.close(descriptor)
+            else:
+                arena.close()
             staging.unlink(missing_ok=True)
             raise ArenaError(f"cannot create arena file {path}: {error}") from error
-        finally:
-            os.close(descriptor)
         return arena
 
     @classmethod
-    def attach_file(cls, path: Path) -> DeviceArena:
-        """Map an existing arena file; its bytes (resident experts) are kept."""
+    def attach_file(cls, path: Path, *, writable: bool = True) -> DeviceArena:
+        """Map an existing arena file; its bytes (resident experts) are kept.
+
+        Only a regular file of this user's with no group or other permission bits is
+        attached (a link is not followed), so nobody else can have planted or read it.
+        ``writable=False`` maps it read-only: a process that only reads the bytes (an
+        expert replica) cannot corrupt them.
+        """
         path = Path(path)
+        access = os.O_RDWR if writable else os.O_RDONLY
         try:
-            descriptor = os.open(path, os.O_RDWR)
+            descriptor = os.open(path, access | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as error:
             raise ArenaError(f"cannot attach arena file {path}: {error}") from error
         try:
-            capacity = os.fstat(descriptor).st_size
-            _check_capacity(capacity)
-            return cls._map(path, descriptor, capacity)
-        finally:
+            status = os.fstat(descriptor)
+            _check_private(path, status)
+            _check_capacity(status.st_size)
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # from now on nobody removes it
+            if not _still_named(path, status):
+                raise ArenaError(f"arena file {path} was removed while being attached")
+            return cls._map(path, descriptor, status.st_size, writable=writable)
+        except BaseException:
             os.close(descriptor)
+            raise
 
     @classmethod
     def open_file(cls, path: Path, capacity: int) -> DeviceArena:
@@ -212,15 +244,31 @@ class DeviceArena:
         return cls.create_file(path, capacity)
 
     @classmethod
-    def _map(cls, path: Path, descriptor: int, capacity: int, populate: bool = True) -> DeviceArena:
+    def _map(
+        cls,
+        path: Path,
+        descriptor: int,
+        capacity: int,
+        populate: bool = True,
+        writable: bool = True,
+    ) -> DeviceArena:
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        mapping = mmap.mmap(descriptor, capacity, flags=flags)
+        protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        # Python's mmap keeps a duplicate of the descriptor it maps, and a flock lasts as
+        # long as any duplicate does: map through a second open of the same file, so that
+        # `close` drops the lock even while views into the mapping live on.
+        access = os.O_RDWR if writable else os.O_RDONLY
+        mapped = os.open(f"/proc/self/fd/{descriptor}", access | os.O_CLOEXEC)
+        try:
+            mapping = mmap.mmap(mapped, capacity, flags=flags, prot=protection)
+        finally:
+            os.close(mapped)
         # Huge pages make bulk copies faster where the kernel allows them for shared
         # memory (transparent_hugepage/shmem_enabled = advise); elsewhere a no-op.
         with contextlib.suppress(AttributeError, OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)
         host = np.frombuffer(mapping, dtype=np.uint8)
-        return cls("file", capacity, host=host, path=path, mapping=mapping)
+        return cls("file", capacity, host=host, path=path, mapping=mapping, lock=descriptor)
 
     @classmethod
     def cuda(cls, capacity: int, device: str = "cuda") -> DeviceArena:
@@ -238,7 +286,8 @@ class DeviceArena:
             raise ArenaError(f"region {region} lies outside an arena of {self.capacity} bytes")
 
     def host_view(self, region: Region) -> np.ndarray:
-        """The region as a writable uint8 numpy array (host arenas only)."""
+        """The region as a uint8 numpy array (host arenas only), read-only when the arena
+        was attached read-only."""
         self._check(region)
         if self._host is None:
             raise ArenaError(f"a {self.kind} arena has no host view")
@@ -258,7 +307,7 @@ class DeviceArena:
         return self.host_view(region)
 
     def close(self) -> None:
-        """Drop this process's mapping; a file arena's bytes stay in the file."""
+        """Drop this process's mapping and its lock; a file arena's bytes stay in the file."""
         self._host = None
         self._device_tensor = None
         if self._mapping is not None:
@@ -266,8 +315,51 @@ class DeviceArena:
             with contextlib.suppress(BufferError):
                 self._mapping.close()
             self._mapping = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def _check_capacity(capacity: int) -> None:
     if capacity <= 0:
         raise ArenaError(f"arena capacity must be positive, got {capacity}")
+
+
+def _still_named(path: Path, status: os.stat_result) -> bool:
+    """Whether ``path`` still names the file ``status`` describes."""
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (current.st_dev, current.st_ino) == (status.st_dev, status.st_ino)
+
+
+def _check_room(directory: Path, capacity: int) -> None:
+    """``ArenaError`` when ``directory``'s file system cannot hold ``capacity`` more bytes."""
+    try:
+        found = os.statvfs(directory)
+    except OSError as error:
+        raise ArenaError(f"cannot create an arena in {directory}: {error}") from error
+    free = found.f_bavail * found.f_frsize
+    if free < capacity:
+        raise ArenaError(
+            f"{directory} has {free / 2**20:.1f} MiB free but the arena needs "
+            f"{capacity / 2**20:.1f} MiB (tiers.hbm_budget_bytes={capacity}): lower the "
+            f"budget, free space there, or enlarge it (tmpfs: mount -o remount,size=...)"
+        )
+
+
+def _check_private(path: Path, status: os.stat_result) -> None:
+    """``ArenaError`` unless ``status`` is a regular file of this user's, private to it."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ArenaError(f"refusing arena file {path}: it is not a regular file")
+    if status.st_uid != os.geteuid():
+        raise ArenaError(
+            f"refusing arena file {path}: it is owned by uid {status.st_uid}, "
+            f"not by this user (uid {os.geteuid()})"
+        )
+    if status.st_mode & 0o077:
+        raise ArenaError(
+            f"refusing arena file {path}: its mode {stat.S_IMODE(status.st_mode):04o} lets "
+            f"others in; an arena must be private to its owner (0600)"
+        )

@@ -57,3 +57,11 @@ class ArenaError(TierError):
 
 class ExpertUnavailable(TierError):
     """An expert configured but not servable (its checkpoint could not be packed)."""
+
+
+class SlotWaitTimeout(TierError):
+    """No active slot freed up within the wait bound (``tiers.slot_wait_s``)."""
+
+
+class GrantExpired(TierError):
+    """A grant outlived its deadline and was taken back; its bytes may be overwritten."""

@@ -9,7 +9,10 @@
   exactly that expert's bytes, and switches wait out a grace period first so that a
   reported expert is not overwritten before its report arrives;
 - grants are recorded under their holder and, while any is outstanding, the holders
-  are checked with a liveness probe: a dead holder's leases and slots are taken back.
+  are checked with a liveness probe: a dead holder's leases and slots are taken back;
+- a grant lives at most `grant_lifetime_s` (the request timeout: no request it serves
+  can still be waited for after that), so a hung holder's grant is taken back too, and
+  a request waits at most `slot_wait_s` for an active slot.
 
 No Ray here: the cluster injects the object store, the arena file's device spec, the
 liveness probe and the logger, and serves this class from its placement deployment.
@@ -41,6 +44,9 @@ RESTART_GRACE_S = 3 * REPORT_INTERVAL_S
 # While grants are outstanding, their holders are checked this often: a replica that
 # died mid-request gets its lease and active slot back within about this long.
 HOLDER_CHECK_INTERVAL_S = 2.0
+# Longest a request waits for an active slot before it fails (SlotWaitTimeout); the
+# same bound as a request's wait for room in the arena.
+SLOT_WAIT_S = 120.0
 
 # Whether the holder reachable through a contact is dead for good. Only a definite
 # answer may say so: a busy or unreachable holder must count as alive.
@@ -74,17 +80,24 @@ class GrantService:
         logger: logging.Logger | None = None,
         restart_grace_s: float = RESTART_GRACE_S,
         holder_check_interval_s: float = HOLDER_CHECK_INTERVAL_S,
+        slot_wait_s: float | None = SLOT_WAIT_S,
+        grant_lifetime_s: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.device = device.name
         self.restarted = arena_survived(device)  # checked before the arena is opened
         self.placement = PlacementService([device], store, policy)
-        self.slots = ActiveSlots(active_slots)
+        self.slots = ActiveSlots(active_slots, slot_wait_s)
         self.ledger = GrantLedger()
         self.incarnation = uuid.uuid4().hex
         self.is_dead = is_dead
         self.logger = logger or logging.getLogger(__name__)
         self.restart_grace_s = restart_grace_s
         self.holder_check_interval_s = holder_check_interval_s
+        # How long a grant may be held (None: until given back); wall-clock seconds, since
+        # the deadline travels to the replica in another process.
+        self.grant_lifetime_s = grant_lifetime_s
+        self.clock = clock
         self.pinned = list(pinned)  # pins not made yet
         self.ready_at = 0.0
         self.refused_reports = 0
@@ -157,7 +170,9 @@ class GrantService:
 
     async def acquire(self, expert: str, holder: str = "", contact: Any = None) -> Grant:
         """A grant for one request. `holder` (the replica's id) and `contact` (what the
-        liveness probe asks) let the service take the grant back should the replica die."""
+        liveness probe asks) let the service take the grant back should the replica die
+        or hold it past its deadline (`Grant.expires_at`, set only for a holder's grant).
+        Raises `SlotWaitTimeout` when no active slot frees up within `slot_wait_s`."""
         self._check_available(expert)
         await self._after_grace()
         started = time.perf_counter()
@@ -168,20 +183,39 @@ class GrantService:
         except BaseException:
             self.slots.release(slot)
             raise
+        expires_at = None
         if holder:
+            if self.grant_lifetime_s is not None:
+                expires_at = self.clock() + self.grant_lifetime_s
             # Recorded even when the caller is gone by now: the watcher reclaims it.
-            self.ledger.record(holder, contact, lease, slot)
+            self.ledger.record(holder, contact, lease, slot, expires_at)
             self._watch_holders()
-        return Grant(lease=lease, slot=slot, incarnation=self.incarnation, slot_wait_s=waited)
+        return Grant(
+            lease=lease,
+            slot=slot,
+            incarnation=self.incarnation,
+            slot_wait_s=waited,
+            expires_at=expires_at,
+        )
 
-    def release(self, grant: Grant) -> None:
+    def release(self, grant: Grant) -> bool:
+        """Give a grant back; False when it had already been taken back (its holder was
+        reported dead, or it outlived its deadline), and nothing is released twice."""
         if grant.incarnation != self.incarnation:
             # Granted by a previous incarnation: its lease came back through a report.
             self._release_lease(grant.lease)
-        else:
-            self.ledger.settle(grant.lease.lease_id)
-            self._release_slot(grant.slot)
-            self._release_lease(grant.lease)
+            return True
+        held = self.ledger.settle(grant.lease.lease_id)
+        if held is None and not self.slots.holds(grant.slot):
+            self.logger.warning(
+                "placement: lease %d on %s was given back after it had been taken back",
+                grant.lease.lease_id,
+                grant.lease.expert,
+            )
+            return False
+        self._release_slot(grant.slot)
+        self._release_lease(grant.lease)
+        return True
 
     def _release_slot(self, slot: int) -> None:
         try:
@@ -239,13 +273,30 @@ class GrantService:
             self.holder_watch = asyncio.get_running_loop().create_task(self._watch_forever())
 
     async def _watch_forever(self) -> None:
-        """Check holders while any grant is outstanding; stop when none is."""
+        """Check deadlines and holders while any grant is outstanding; stop when none is."""
         while self.ledger.outstanding():
             await asyncio.sleep(self.holder_check_interval_s)
+            self.reclaim_expired()
             try:
                 await self.reclaim_dead_holders()
             except Exception:  # keep watching; a failed check is retried next round
                 self.logger.exception("placement: checking grant holders failed")
+
+    def reclaim_expired(self) -> int:
+        """End every grant past its deadline (lease and slot); returns how many. The
+        holder may be alive but hung: whatever it still computes, nobody waits for."""
+        expired = self.ledger.expire(self.clock())
+        for held in expired:
+            self._release_slot(held.slot)
+            self._release_lease(held.lease)
+            self.logger.warning(
+                "placement: took back lease %d on %s (and its active slot) from %s, "
+                "held past its deadline",
+                held.lease.lease_id,
+                held.lease.expert,
+                held.holder,
+            )
+        return len(expired)
 
     async def reclaim_dead_holders(self) -> int:
         """End every grant whose holder died (lease and slot); returns how many."""
@@ -280,6 +331,7 @@ class GrantService:
             "refused_reports": self.refused_reports,
             "outstanding_grants": self.ledger.outstanding(),
             "reclaimed_grants": self.ledger.reclaimed,
+            "expired_grants": self.ledger.expired,
             "broken": dict(self.broken),
             "slots": self.slots.stats().to_dict(),
         }

@@ -1,8 +1,10 @@
 """The SRAM tier: a fixed number of active slots per device (experts executing at once).
 
 ``ActiveSlots(n)`` lets at most ``n`` holders run at once; the rest wait in arrival
-order. Waiting is measured (count, total, max) because it is the cost of having
-fewer slots than concurrent work.
+order, each for at most ``wait_s`` seconds (``SlotWaitTimeout`` after that), so a
+holder that hangs cannot keep every later request waiting for ever. Waiting is
+measured (count, total, max, timeouts) because it is the cost of having fewer
+slots than concurrent work.
 """
 
 from __future__ import annotations
@@ -12,15 +14,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from memory_tiers.errors import SlotWaitTimeout
 from memory_tiers.tier_stats import SlotStats
 
 
 class ActiveSlots:
-    """At most ``slots`` experts executing at once on one device (asyncio)."""
+    """At most ``slots`` experts executing at once on one device (asyncio).
 
-    def __init__(self, slots: int) -> None:
+    ``wait_s`` bounds how long ``acquire`` waits for a slot; None waits as long as it takes.
+    """
+
+    def __init__(self, slots: int, wait_s: float | None = None) -> None:
         if slots < 1:
             raise ValueError(f"a device needs at least one active slot, got {slots}")
+        if wait_s is not None and wait_s <= 0:
+            raise ValueError(f"a slot wait bound must be positive, got {wait_s}")
+        self.wait_s = wait_s
         self._semaphore = asyncio.Semaphore(slots)
         self._stats = SlotStats(slots=slots)
         self._holders: dict[int, str] = {}
@@ -38,11 +47,25 @@ class ActiveSlots:
         """Experts executing right now."""
         return sorted(self._holders.values())
 
+    def holds(self, token: int) -> bool:
+        """Whether ``token`` is still held (not released, not taken back)."""
+        return token in self._holders
+
     async def acquire(self, expert: str = "") -> int:
-        """Wait for a slot; returns a token for ``release``."""
+        """Wait (at most ``wait_s``) for a slot; returns a token for ``release``.
+
+        Raises ``SlotWaitTimeout`` when no slot frees up in time.
+        """
         started = time.perf_counter()
         waited = self._semaphore.locked()
-        await self._semaphore.acquire()
+        try:
+            await asyncio.wait_for(self._semaphore.acquire(), self.wait_s)
+        except TimeoutError:
+            self._stats.timeouts += 1
+            raise SlotWaitTimeout(
+                f"no active slot for expert {expert!r} within {self.wait_s:g} s: all "
+                f"{self.slots} held by {self.holders()}"
+            ) from None
         wait = time.perf_counter() - started
         stats = self._stats
         stats.acquisitions += 1
@@ -80,4 +103,5 @@ class ActiveSlots:
             waits=current.waits,
             wait_seconds_total=current.wait_seconds_total,
             wait_seconds_max=current.wait_seconds_max,
+            timeouts=current.timeouts,
         )

@@ -67,6 +67,7 @@ class SlotStats:
     waits: int = 0  # acquisitions that had to wait for a free slot
     wait_seconds_total: float = 0.0
     wait_seconds_max: float = 0.0
+    timeouts: int = 0  # acquisitions that gave up waiting (SlotWaitTimeout)
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in asdict(self).items()}

@@ -25,6 +25,8 @@ from actors.expert_server import ExpertServer, make_engine
 from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ExpertSettings
 from memory_tiers.arena import DeviceArena
+from memory_tiers.arena_files import remove_unused
+from memory_tiers.errors import GrantExpired
 from memory_tiers.grant_service import REPORT_INTERVAL_S
 from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
@@ -32,6 +34,35 @@ from memory_tiers.packing import TensorIndex
 logger = logging.getLogger("ray.serve")
 # How long an expert replica keeps retrying while the placement service restarts.
 PLACEMENT_RETRY_S = 120.0
+
+
+def end_jobs_at_expiry(
+    grant: Grant, jobs: Sequence[BatchJob], expert: str
+) -> asyncio.TimerHandle | None:
+    """At `grant`'s deadline, end every job of its batch not finished by then.
+
+    The placement service takes the grant back at that moment and may copy another
+    expert over its bytes, so nothing computed after it may reach a client: each job
+    is cancelled (a stream stops at its next token) and ends with `GrantExpired`.
+    Every request of the batch arrived before the grant, so each has already outlived
+    the request timeout by then. Returns the timer (cancel it when the batch ends), or
+    None for a grant without a deadline.
+    """
+    if grant.expires_at is None:
+        return None
+
+    def expire() -> None:
+        error = GrantExpired(
+            f"expert {expert!r}: the request outlived its grant (lease "
+            f"{grant.lease.lease_id}), which was taken back at the request deadline"
+        )
+        for job in jobs:
+            if not job.ended:
+                job.cancellation.cancel()
+                job.emit(error)
+
+    delay = max(0.0, grant.expires_at - time.time())
+    return asyncio.get_running_loop().call_later(delay, expire)
 
 
 class ExpertReplica:
@@ -67,7 +98,9 @@ class ExpertReplica:
             self._holder = (context.get_actor_id() or "", context.current_actor)
             described = await self._call_placement("describe", settings.name)
             index = TensorIndex.from_json(described["index"])
-            arena = DeviceArena.attach_file(Path(described["arena_path"]))
+            # Read-only: only the placement service writes the arena; a replica that
+            # wrote through its views would corrupt every replica sharing the bytes.
+            arena = DeviceArena.attach_file(Path(described["arena_path"]), writable=False)
             self.weights = await asyncio.to_thread(
                 TieredWeights, settings.name, Path(checkpoint_dir), settings.dtype, index, arena
             )
@@ -89,7 +122,7 @@ class ExpertReplica:
             await asyncio.to_thread(self.server.warm_up)
         finally:
             if grant is not None:
-                await self._call_placement("release", grant)
+                await self._give_back(grant)
         if placement is not None:
             self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
         logger.info("expert %s ready (%s engine)", settings.name, settings.engine)
@@ -123,24 +156,38 @@ class ExpertReplica:
                 logger.warning("residency report for %s failed: %s", report.expert, error)
 
     @contextlib.asynccontextmanager
-    async def _leased(self) -> AsyncIterator[None]:
-        """Hold the expert's bytes in device memory (and an active slot) for one request."""
+    async def _leased(self, jobs: Sequence[BatchJob]) -> AsyncIterator[None]:
+        """Hold the expert's bytes in device memory (and an active slot) for one batch;
+        the batch's unfinished jobs end with `GrantExpired` at the grant's deadline."""
         if self.placement is None or self.weights is None:
             yield
             return
         async with self._serial:
             grant: Grant = await self._call_placement("acquire", self.settings.name, *self._holder)
+            deadline = end_jobs_at_expiry(grant, jobs, self.settings.name)
             try:
                 self.weights.bind(grant)
                 self._in_use = True
                 yield
             finally:
                 self._in_use = False
-                await self._call_placement("release", grant)
+                if deadline is not None:
+                    deadline.cancel()
+                await self._give_back(grant)
+
+    async def _give_back(self, grant: Grant) -> None:
+        if not await self._call_placement("release", grant):
+            # Taken back at its deadline while this replica was slow or stopped; the
+            # next grant says whether the bytes moved (then they are rebound).
+            logger.warning(
+                "expert %s: its grant (lease %d) had been taken back before it ended",
+                self.settings.name,
+                grant.lease.lease_id,
+            )
 
     async def _run_batch(self, jobs: Sequence[BatchJob]) -> None:
         """One batch under one grant: the lease and the switch are paid once for all."""
-        async with self._leased():
+        async with self._leased(jobs):
             await asyncio.to_thread(self.server.run_batch, jobs)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -149,6 +196,16 @@ class ExpertReplica:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         async for chunk in self.batcher.stream(request):
             yield chunk
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: unmap the arena, and remove it
+        when no other process maps it (the whole application is being deleted)."""
+        weights = getattr(self, "weights", None)
+        if weights is None:
+            return
+        weights.arena.close()
+        if weights.arena.path is not None:
+            remove_unused(weights.arena.path)
 
     def info(self) -> dict[str, Any]:
         engine = self.server.engine

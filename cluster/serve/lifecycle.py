@@ -16,6 +16,8 @@ deployments; each function imports what it uses.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,8 @@ ErrorTranslator = Callable[[Exception], Exception]
 JOIN_OPTIONS: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
 # Serve's driver-side logger; at INFO it repeats what the progress lines say.
 SERVE_LOGGER = "ray.serve"
+# How long a stopped cluster's processes may take to exit and let go of the arena.
+ARENA_SETTLE_S = 3.0
 
 
 def local_ray_options(
@@ -185,9 +189,33 @@ def undeploy(app_name: str, config: CoEConfig | None = None) -> None:
         remove_arena(config)
 
 
-def remove_arena(config: CoEConfig) -> None:
-    """The device arena lives in shared memory: give it back when the cluster stops."""
-    if config.tiers.enabled:
-        from cluster.serve.placement_replica import arena_path
+def remove_arena(config: CoEConfig, settle_s: float = ARENA_SETTLE_S) -> list[Path]:
+    """The device arena lives in shared memory: give it back when the cluster stops.
 
-        arena_path(config).unlink(missing_ok=True)
+    Removes the application's arena files no process maps any more, waiting up to
+    `settle_s` for the stopping cluster's processes to exit; an arena another running
+    cluster maps is left alone. Returns the files removed.
+    """
+    if not config.tiers.enabled:
+        return []
+    import time
+    from pathlib import Path
+
+    from cluster.serve.placement_replica import arena_files
+    from memory_tiers.arena_files import remove_stale
+
+    directory = Path(config.tiers.arena_dir)
+    names = arena_files(config)
+    deadline = time.monotonic() + settle_s
+    removed = remove_stale(directory, names)
+    while _names_any(directory, names) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        removed += remove_stale(directory, names)
+    return removed
+
+
+def _names_any(directory: Path, names: re.Pattern[str]) -> bool:
+    try:
+        return any(names.fullmatch(name) for name in os.listdir(directory))
+    except OSError:
+        return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ray.exceptions import ActorDiedError
 from cluster.config import CoEConfig, parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.object_store import RayObjectStore
+from memory_tiers.arena_files import remove_stale, remove_unused
 from memory_tiers.ddr import CheckpointSource, ObjectStore
 from memory_tiers.grant_service import GrantService, HolderProbe
 from memory_tiers.grants import Grant
@@ -54,9 +56,29 @@ async def actor_is_dead(contact: Any) -> bool:
     return False
 
 
-def arena_path(config: CoEConfig, device: str = HOST_DEVICE) -> Path:
-    """The shared-memory file that holds `device`'s arena for this application."""
-    return Path(config.tiers.arena_dir) / f"coe-{config.serve.app_name}-{device}.arena"
+# Characters of the node id that name a Ray cluster's arena files.
+ARENA_ID_CHARS = 12
+
+
+def arena_path(config: CoEConfig, cluster: str, device: str = HOST_DEVICE) -> Path:
+    """The shared-memory file of `device`'s arena for this application in the Ray cluster
+    `cluster` (`node_arena_id`): the same after a placement restart, never the same for
+    two clusters or two applications."""
+    name = f"coe-{config.serve.app_name}-{cluster}-{device}.arena"
+    return Path(config.tiers.arena_dir) / name
+
+
+def arena_files(config: CoEConfig, device: str = HOST_DEVICE) -> re.Pattern[str]:
+    """The names `arena_path` gives this application's arena in any cluster."""
+    app = re.escape(config.serve.app_name)
+    return re.compile(rf"coe-{app}-[0-9a-f]{{{ARENA_ID_CHARS}}}-{re.escape(device)}\.arena")
+
+
+def node_arena_id() -> str:
+    """This node's id in this Ray cluster (random per start), as arena files name it."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())[:ARENA_ID_CHARS]
 
 
 class PlacementReplica:
@@ -68,6 +90,8 @@ class PlacementReplica:
         # Ray's pieces, replaceable so that tests run without a cluster.
         self.holder_is_dead: HolderProbe = actor_is_dead
         self.new_store: Callable[[], ObjectStore] = RayObjectStore
+        self.arena_id: Callable[[], str] = node_arena_id
+        self.arena_file: Path | None = None
         self.tier_metrics = TierMetrics()
 
     @property
@@ -85,6 +109,9 @@ class PlacementReplica:
         elif settings.tiers != self._tiers():
             logger.warning("placement: tiers settings changed; they apply after a restart")
         grants = self._require()
+        # No request a grant serves is waited for past the request timeout, so no grant
+        # needs to live longer; a changed timeout applies to the next grants.
+        grants.grant_lifetime_s = settings.serve.request_timeout_s
         for expert in settings.experts:
             if grants.has_expert(expert.name):
                 continue
@@ -97,7 +124,13 @@ class PlacementReplica:
     def _start(self, settings: CoEConfig) -> GrantService:
         tiers = settings.tiers
         assert tiers.hbm_budget_bytes is not None  # the schema requires it when enabled
-        path = arena_path(settings)
+        path = arena_path(settings, self.arena_id())
+        # This application's arenas of clusters that are gone (a `coe serve` killed, a
+        # `ray stop`): nobody maps them, they only hold memory. Our own is kept: after a
+        # restart it still holds the residents.
+        for stale in remove_stale(path.parent, arena_files(settings), keep=path):
+            logger.warning("placement: removed %s, left behind by a stopped cluster", stale)
+        self.arena_file = path
         spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
         return GrantService(
             spec,
@@ -107,7 +140,20 @@ class PlacementReplica:
             active_slots=tiers.active_slots,
             pinned=tiers.pinned,
             logger=logger,
+            slot_wait_s=tiers.slot_wait_s,
+            grant_lifetime_s=settings.serve.request_timeout_s,
         )
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (the application is deleted, Serve
+        shuts down): the arena file goes once no replica maps it any more. A replica that
+        dies never gets here, so its restart still finds the arena."""
+        grants = getattr(self, "grants", None)
+        if grants is None or self.arena_file is None:
+            return
+        grants.placement.close()
+        if remove_unused(self.arena_file):
+            logger.info("placement: removed %s", self.arena_file)
 
     def _tiers(self) -> Any:
         return self.settings.tiers if self.settings is not None else None
@@ -134,9 +180,12 @@ class PlacementReplica:
         actor handle) let the service take the grant back should the replica die."""
         return await self._require().acquire(expert, holder, contact)
 
-    def release(self, grant: Grant) -> None:
-        self._require().release(grant)
+    def release(self, grant: Grant) -> bool:
+        """Give a grant back; False when it had already been taken back (see
+        GrantService.release)."""
+        released = self._require().release(grant)
         self._publish_tier_metrics()
+        return released
 
     async def prefetch(self, expert: str) -> bool:
         copied = await self._require().prefetch(expert)

@@ -8,6 +8,7 @@ must leave no application, no replica process and no arena behind.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def test_system_serves_the_harness_and_stops_cleanly(
     while replica_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert replica_processes() == []
-    from cluster.serve.placement_replica import arena_path
+    from cluster.serve.placement_replica import arena_files
 
-    assert not arena_path(scenario.config(tiers=True)).exists()
+    tiered = scenario.config(tiers=True)
+    names = arena_files(tiered)
+    assert not [name for name in os.listdir(tiered.tiers.arena_dir) if names.fullmatch(name)]

@@ -43,7 +43,14 @@ CLIENT_TIMEOUT_S = 60.0
 
 
 def app_config(
-    checkpoints: dict[str, Path], experts: list[str], app: str, budget: int, arena_dir: Path
+    checkpoints: dict[str, Path],
+    experts: list[str],
+    app: str,
+    budget: int,
+    arena_dir: Path,
+    *,
+    active_slots: int = 2,
+    request_timeout_s: float = 300.0,
 ) -> CoEConfig:
     return parse_config(
         {
@@ -67,10 +74,14 @@ def app_config(
                 "enabled": True,
                 "hbm_budget_bytes": budget,
                 "eviction": "lru",
-                "active_slots": 2,
+                "active_slots": active_slots,
                 "arena_dir": str(arena_dir),
             },
-            "serve": {"app_name": app, "ingress_num_cpus": 0},
+            "serve": {
+                "app_name": app,
+                "ingress_num_cpus": 0,
+                "request_timeout_s": request_timeout_s,
+            },
         },
         f"{app}-test",
     )
@@ -129,7 +140,7 @@ def faults(
     from ray import serve
 
     from cluster.serve.app import build_app
-    from cluster.serve.placement_replica import arena_path
+    from cluster.serve.lifecycle import remove_arena
 
     size = checkpoint_nbytes(checkpoints[EXPERTS[0]], "float32")
     config = app_config(
@@ -144,7 +155,7 @@ def faults(
         }
     finally:
         serve.delete(APP)
-        arena_path(config).unlink(missing_ok=True)
+        remove_arena(config)
 
 
 def placement_metrics(faults: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +204,10 @@ def ask_until_served(
         time.sleep(1)
 
 
-def stream_and_kill(url: str, expert: str, pid: int) -> tuple[int, list[Any]]:
-    """Stream a long answer, SIGKILL the replica after the first content chunk; the
+def stream_and_kill(
+    url: str, expert: str, pid: int, sig: int = signal.SIGKILL
+) -> tuple[int, list[Any]]:
+    """Stream a long answer, send the replica `sig` after the first content chunk; the
     events the client received (parsed JSON, or the "[DONE]" marker)."""
     events: list[Any] = []
     killed = False
@@ -208,7 +221,7 @@ def stream_and_kill(url: str, expert: str, pid: int) -> tuple[int, list[Any]]:
             events.append(payload if payload == "[DONE]" else json.loads(payload))
             delta = events[-1]["choices"][0]["delta"] if _is_chunk(events[-1]) else {}
             if not killed and delta.get("content"):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
                 killed = True
         status = response.status_code
     assert killed, f"the stream ended before any content: {events}"
@@ -299,6 +312,113 @@ def test_a_killed_placement_service_rebuilds_residency_and_routes_right(
         assert_answered_by(ask(faults, expert), expert, references)
 
 
+HUNG_APP = "hung"
+HUNG_TIMEOUT_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def hung(
+    cluster: RunningCluster,
+    checkpoints: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    """Two experts, room for one, one active slot, a short request timeout: while one
+    replica holds its grant, the other expert cannot be answered at all."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+    from cluster.serve.lifecycle import remove_arena
+
+    size = checkpoint_nbytes(checkpoints[EXPERTS[0]], "float32")
+    config = app_config(
+        checkpoints,
+        EXPERTS[:2],
+        HUNG_APP,
+        int(size * 1.5),
+        arena_dir(tmp_path_factory),
+        active_slots=1,
+        request_timeout_s=HUNG_TIMEOUT_S,
+    )
+    serve.run(build_app(config, checkpoints), name=HUNG_APP, route_prefix=f"/{HUNG_APP}")
+    try:
+        yield {
+            "url": f"{cluster.base_url}/{HUNG_APP}/v1/chat/completions",
+            "placement": serve.get_deployment_handle("placement", app_name=HUNG_APP),
+            "config": config,
+        }
+    finally:
+        serve.delete(HUNG_APP)
+        # A clean stop (here `serve delete`) leaves no arena: the last replica to stop
+        # removes it. Checked before the cleanup every fixture does anyway.
+        left = arena_files_left(config, within_s=15)
+        remove_arena(config)
+        assert not left, f"serve.delete left {left} behind"
+
+
+def arena_files_left(config: CoEConfig, within_s: float) -> list[str]:
+    """The application's arena files still there after up to `within_s` seconds."""
+    from cluster.serve.placement_replica import arena_files
+
+    names = arena_files(config)
+    deadline = time.monotonic() + within_s
+    while True:
+        left = [name for name in os.listdir(config.tiers.arena_dir) if names.fullmatch(name)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of `pid` (T: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_expert_replica_gives_its_slot_and_lease_back_at_the_deadline(
+    hung: dict[str, Any], references: dict[str, str]
+) -> None:
+    """A replica stopped with SIGSTOP mid-stream is alive, so only the request deadline
+    can end its grant; until it does, the other expert has neither a slot nor room."""
+    from ray import serve
+
+    stopped, other = EXPERTS[0], EXPERTS[1]
+    handle = serve.get_deployment_handle(f"expert-{stopped}", app_name=HUNG_APP)
+    pid = handle.info.remote().result(timeout_s=60)["pid"]
+    before = placement_metrics(hung)
+    try:
+        started = time.monotonic()
+        status, events = stream_and_kill(hung["url"], stopped, pid, signal.SIGSTOP)
+        ended_after = time.monotonic() - started
+        print(f"status {status} after {ended_after:.1f}s, last events {events[-2:]}")
+        assert status == 200  # the headers went out before the replica stopped
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        assert len(errors) == 1 and errors[0]["error"]["code"] == "timeout", events
+        assert events[-1] == "[DONE]"
+        assert ended_after < HUNG_TIMEOUT_S + 10
+
+        deadline = time.monotonic() + 15
+        while True:
+            metrics = placement_metrics(hung)
+            if metrics["outstanding_grants"] == 0 and metrics["slots"]["active"] == 0:
+                break
+            assert time.monotonic() < deadline, f"the stopped replica still holds: {metrics}"
+            time.sleep(0.5)
+        expired = metrics.get("expired_grants", 0) - before.get("expired_grants", 0)
+        assert expired == 1, metrics
+        assert metrics["reclaimed_grants"] == before["reclaimed_grants"]  # not "died"
+        assert process_state(pid) == "T", "the replica must still be stopped"
+        # The slot and the room are back: the other expert is switched in and answers.
+        assert_answered_by(ask(hung, other), other, references)
+        assert process_state(pid) == "T"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Woken up, the replica finds its grant taken back and its bytes overwritten: the
+    # next grant rebinds it, and it answers as before.
+    attempts = ask_until_served(hung, stopped, references, within_s=120)
+    print(f"the resumed replica answered after {attempts} attempt(s)")
+
+
 class _ShortLivedOwner:
     """Owns one object; killing it loses the object, as a dead owner does in Ray."""
 
@@ -370,7 +490,7 @@ def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
     from ray import serve
 
     from cluster.serve.app import build_app
-    from cluster.serve.placement_replica import arena_path
+    from cluster.serve.lifecycle import remove_arena
 
     size = checkpoint_nbytes(checkpoints["whole"], "float32")
     config = app_config(
@@ -400,7 +520,7 @@ def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
         assert answer["choices"][0]["message"]["content"]
     finally:
         serve.delete(BROKEN_APP)
-        arena_path(config).unlink(missing_ok=True)
+        remove_arena(config)
 
 
 @pytest.mark.timeout(180)

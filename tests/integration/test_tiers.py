@@ -125,9 +125,9 @@ def tiered(
         yield {"handle": handle, "placement": placement, "budget": budget, "config": config}
     finally:
         serve.delete(APP)
-        from cluster.serve.placement_replica import arena_path
+        from cluster.serve.lifecycle import remove_arena
 
-        arena_path(config).unlink(missing_ok=True)
+        remove_arena(config)
 
 
 def residents(placement: Any) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,68 @@ def test_recreating_an_arena_leaves_an_old_mapping_intact(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arena.bin"]
     old.close()
     new.close()
+
+
+def test_a_new_arena_file_is_private_and_leaves_no_staging_file(tmp_path: Path) -> None:
+    path = tmp_path / "arena.bin"
+    arena = DeviceArena.create_file(path, 1 << 16)
+    status = os.lstat(path)
+    assert stat.S_ISREG(status.st_mode) and stat.S_IMODE(status.st_mode) == 0o600
+    assert status.st_uid == os.geteuid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arena.bin"]
+    arena.close()
+
+
+def test_an_arena_file_that_is_not_ours_alone_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "arena.bin"
+    DeviceArena.create_file(path, 1 << 16).close()
+    link = tmp_path / "link.bin"
+    link.symlink_to(path)
+    with pytest.raises(ArenaError, match="symbolic link"):
+        DeviceArena.attach_file(link)
+    with pytest.raises(ArenaError, match="symbolic link"):
+        DeviceArena.open_file(link, 1 << 16)  # the right size, but never through a link
+    path.chmod(0o640)
+    with pytest.raises(ArenaError, match="mode 0640"):
+        DeviceArena.attach_file(path)
+    with pytest.raises(ArenaError, match="mode 0640"):
+        DeviceArena.open_file(path, 1 << 16)
+    path.chmod(0o600)
+    me = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: me + 1)
+    with pytest.raises(ArenaError, match=f"owned by uid {me}"):
+        DeviceArena.attach_file(path)
+
+
+def test_a_read_only_attachment_sees_the_bytes_and_cannot_change_them(tmp_path: Path) -> None:
+    path = tmp_path / "arena.bin"
+    creator = DeviceArena.create_file(path, 1 << 16)
+    creator.host_view(Region(0, 4))[:] = [1, 2, 3, 4]
+    replica = DeviceArena.attach_file(path, writable=False)
+    view = replica.host_view(Region(0, 4))
+    assert view.tolist() == [1, 2, 3, 4] and not view.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        view[:] = 0
+    creator.host_view(Region(0, 4))[:] = 9  # the placement service's writes show through
+    assert view.tolist() == [9, 9, 9, 9]
+    replica.close()
+    creator.close()
+
+
+def test_an_arena_larger_than_the_free_space_fails_before_any_page_is_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.statvfs(tmp_path)
+    free_blocks = (1 << 20) // real.f_frsize  # 1 MiB free
+
+    class Small:
+        f_frsize = real.f_frsize
+        f_bavail = free_blocks
+
+    monkeypatch.setattr(os, "statvfs", lambda _path: Small())
+    with pytest.raises(ArenaError, match=r"1\.0 MiB free but the arena needs 2\.0 MiB"):
+        DeviceArena.create_file(tmp_path / "arena.bin", 2 << 20)
+    assert list(tmp_path.iterdir()) == []
+    DeviceArena.create_file(tmp_path / "arena.bin", 1 << 20).close()  # what fits is made

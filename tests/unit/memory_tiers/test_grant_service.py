@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from memory_tiers.ddr import CallableSource, InProcessObjectStore
-from memory_tiers.errors import ExpertUnavailable, UnknownExpert
+from memory_tiers.errors import ExpertUnavailable, SlotWaitTimeout, UnknownExpert
 from memory_tiers.grant_service import GrantService, arena_survived
 from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorEntry, TensorIndex
@@ -294,3 +294,82 @@ def test_a_restart_accepts_only_reports_of_the_bytes_the_arena_still_holds(
     assert residents["a"]["in_use"] == 0 and residents["a"]["offset"] == lease.region.offset
     assert residents["b"]["pinned"] and residents["c"]["in_use"] == 0
     assert second.metrics()["refused_reports"] == 3
+
+
+class _Clock:
+    """Wall-clock seconds the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_wait_for_an_active_slot_is_bounded(tmp_path: Path) -> None:
+    grants = _grants(tmp_path, slot_wait_s=0.05)
+
+    async def scenario() -> None:
+        first = await grants.acquire("a", "replica-1", "contact-1")
+        second = await grants.acquire("b", "replica-2", "contact-2")
+        with pytest.raises(SlotWaitTimeout, match="'c'"):
+            await grants.acquire("c", "replica-3", "contact-3")
+        assert grants.ledger.outstanding() == 2 and "c" not in _in_use(grants)
+        assert grants.metrics()["slots"]["timeouts"] == 1
+        grants.release(first)
+        grants.release(second)
+
+    asyncio.run(scenario())
+
+
+def test_a_grant_past_its_deadline_is_taken_back_from_a_live_holder(tmp_path: Path) -> None:
+    clock = _Clock()
+    verdicts = _Verdicts()  # nobody dies: only the deadline ends the grant
+    grants = _grants(tmp_path, verdicts, grant_lifetime_s=30.0, clock=clock)
+
+    async def scenario() -> None:
+        hung = await grants.acquire("a", "replica-1", "contact-1")
+        assert hung.expires_at == clock.now + 30.0
+        clock.now += 10.0
+        kept = await grants.acquire("b", "replica-2", "contact-2")
+        clock.now += 19.0
+        assert grants.reclaim_expired() == 0
+        clock.now += 1.0  # the first grant's deadline
+        assert grants.reclaim_expired() == 1
+        assert await grants.reclaim_dead_holders() == 0
+        metrics = grants.metrics()
+        assert metrics["expired_grants"] == 1 and metrics["reclaimed_grants"] == 0
+        assert metrics["outstanding_grants"] == 1 and grants.slots.active == 1
+        assert _in_use(grants) == {"a": 0, "b": 1}
+        # The hung replica wakes up and gives back what it no longer holds: nothing changes.
+        assert grants.release(hung) is False
+        assert grants.slots.active == 1 and _in_use(grants) == {"a": 0, "b": 1}
+        assert grants.release(kept) is True
+        assert grants.slots.active == 0 and grants.ledger.outstanding() == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_watcher_frees_a_hung_holders_slot_for_the_next_request(tmp_path: Path) -> None:
+    """Both slots held by replicas that stay alive and never release: the third request
+    gets a slot once their grants' deadline passes."""
+    grants = _grants(tmp_path, grant_lifetime_s=0.2, holder_check_interval_s=0.01)
+
+    async def scenario() -> None:
+        await grants.acquire("a", "replica-1", "contact-1")
+        await grants.acquire("b", "replica-2", "contact-2")
+        third = await asyncio.wait_for(grants.acquire("c", "replica-3", "contact-3"), 5)
+        assert grants.ledger.expired == 2 and grants.ledger.outstanding() == 1
+        assert grants.release(third) is True
+
+    asyncio.run(scenario())
+
+
+def test_grants_without_a_holder_or_a_lifetime_have_no_deadline(tmp_path: Path) -> None:
+    timed = _grants(tmp_path, grant_lifetime_s=5.0)
+    grant = asyncio.run(timed.acquire("a"))
+    assert grant.expires_at is None and timed.release(grant) is True
+    (tmp_path / "other").mkdir()
+    untimed = _grants(tmp_path / "other", experts=("a",))
+    held = asyncio.run(untimed.acquire("a", "replica-1", "contact-1"))
+    assert held.expires_at is None and untimed.release(held) is True

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from memory_tiers.errors import SlotWaitTimeout
 from memory_tiers.sram import ActiveSlots
 
 
@@ -68,3 +69,24 @@ def test_bad_slot_counts_and_double_release_are_refused() -> None:
             slots.release(token)
 
     asyncio.run(scenario())
+
+
+def test_a_wait_for_a_slot_is_bounded_and_names_the_holders() -> None:
+    """A holder that never lets go (a hung replica) must not make every later request
+    wait for ever: the wait ends with SlotWaitTimeout, and the slots stay consistent."""
+
+    async def scenario() -> ActiveSlots:
+        slots = ActiveSlots(1, wait_s=0.05)
+        token = await slots.acquire("hung")
+        with pytest.raises(SlotWaitTimeout, match=r"'next'.*0\.05 s.*\['hung'\]"):
+            await slots.acquire("next")
+        assert slots.holds(token) and slots.active == 1
+        slots.release(token)
+        assert not slots.holds(token)
+        await asyncio.wait_for(slots.acquire("next"), 1)
+        return slots
+
+    stats = asyncio.run(scenario()).stats()
+    assert stats.timeouts == 1 and stats.acquisitions == 2 and stats.active == 1
+    with pytest.raises(ValueError, match="positive"):
+        ActiveSlots(1, wait_s=0)

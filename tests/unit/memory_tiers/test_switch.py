@@ -207,3 +207,22 @@ def test_checkpoint_nbytes_reads_headers_and_bounds_the_packed_size(tmp_path: Pa
     (tmp_path / "bad" / "x.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         checkpoint_nbytes(tmp_path / "bad")
+
+
+def test_a_skeleton_bound_to_a_read_only_arena_generates_the_same_tokens(tmp_path: Path) -> None:
+    """Expert replicas map the shared arena read-only: generation only reads weights."""
+    directory = _save_tiny(tmp_path / "tiny", seed=5)
+    reference = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    buffer, index = CheckpointSource(directory).build()
+    path = tmp_path / "arena.bin"
+    writer = DeviceArena.create_file(path, index.total_bytes + 4096)
+    region = Region(4096, index.total_bytes)
+    copy_into(writer.host_view(region), buffer)
+    reader = DeviceArena.attach_file(path, writable=False)
+    view = reader.host_view(region)
+    assert not view.flags.writeable
+    model = ModelSkeleton.from_checkpoint(directory).bind_buffer(view, index, generation=1)
+    expected_logits, expected_tokens = _answers(reference, new_tokens=4)
+    logits, tokens = _answers(model, new_tokens=4)
+    assert torch.equal(logits, expected_logits)
+    assert torch.equal(tokens, expected_tokens)

@@ -16,7 +16,10 @@ from cluster.config import CoEConfig, ServeSettings, parse_config
 from cluster.serve import lifecycle
 from cluster.serve.grpc_proxy import SERVICER_FUNCTIONS
 from cluster.serve.placement_replica import arena_path
+from memory_tiers.arena import DeviceArena
 from tests.unit.cluster.test_config import demo_data
+
+ARENA_ID = "0123456789ab"
 
 
 class Unavailable(Exception):
@@ -86,28 +89,28 @@ def test_base_url_brackets_an_ipv6_host() -> None:
 
 def test_remove_arena_only_touches_a_tiered_config(tmp_path: Path) -> None:
     tiered = config_with_tiers(tmp_path)
-    arena_path(tiered).write_bytes(b"arena")
+    arena_path(tiered, ARENA_ID).write_bytes(b"arena")
     lifecycle.remove_arena(tiered)
-    assert not arena_path(tiered).exists()
+    assert not arena_path(tiered, ARENA_ID).exists()
     lifecycle.remove_arena(tiered)  # already gone: nothing to do
     untiered = config_with_tiers(tmp_path, enabled=False)
-    arena_path(untiered).write_bytes(b"not ours to remove")
+    arena_path(untiered, ARENA_ID).write_bytes(b"not ours to remove")
     lifecycle.remove_arena(untiered)
-    assert arena_path(untiered).exists()
+    assert arena_path(untiered, ARENA_ID).exists()
 
 
 def test_local_serve_starts_ray_then_serve_and_stops_both_and_the_arena(
     calls: list[tuple[str, dict[str, Any]]], tmp_path: Path
 ) -> None:
     config = config_with_tiers(tmp_path)
-    arena_path(config).write_bytes(b"arena")
+    arena_path(config, ARENA_ID).write_bytes(b"arena")
     settings = ServeSettings(port=8123)
     with lifecycle.local_serve(settings, config=config) as url:
         assert url == "http://127.0.0.1:8123"
     assert names(calls) == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     assert calls[0][1] == lifecycle.local_ray_options()
     assert calls[1][1] == lifecycle.serve_options(settings)
-    assert not arena_path(config).exists()
+    assert not arena_path(config, ARENA_ID).exists()
     assert logging.getLogger(lifecycle.SERVE_LOGGER).level == logging.WARNING
 
 
@@ -149,11 +152,11 @@ def test_shutdown_stops_ray_and_removes_the_arena_when_serve_fails_to_stop(
 
     monkeypatch.setattr(serve, "shutdown", failing)
     config = config_with_tiers(tmp_path)
-    arena_path(config).write_bytes(b"arena")
+    arena_path(config, ARENA_ID).write_bytes(b"arena")
     with pytest.raises(RuntimeError, match="controller gone"):
         lifecycle.shutdown(config)
     assert names(calls) == ["ray.shutdown"]
-    assert not arena_path(config).exists()
+    assert not arena_path(config, ARENA_ID).exists()
 
 
 def test_local_ray_passes_its_options_and_starts_no_serve(
@@ -176,9 +179,9 @@ def test_undeploy_deletes_the_application_and_gives_the_arena_back(
     calls: list[tuple[str, dict[str, Any]]], tmp_path: Path
 ) -> None:
     config = config_with_tiers(tmp_path)
-    arena_path(config).write_bytes(b"arena")
+    arena_path(config, ARENA_ID).write_bytes(b"arena")
     lifecycle.undeploy("bench", config)
-    assert names(calls) == ["serve.delete"] and not arena_path(config).exists()
+    assert names(calls) == ["serve.delete"] and not arena_path(config, ARENA_ID).exists()
 
 
 def test_joined_is_a_quiet_driver_that_always_leaves(
@@ -223,3 +226,14 @@ def test_joined_leaves_a_refused_token_to_refused_or_raises_it(
     joined = lifecycle.joined("auto", unavailable=RuntimeError, refused=refused)
     with pytest.raises(Unavailable, match="refused: Token authentication failed"), joined:
         pass
+
+
+def test_remove_arena_leaves_alone_an_arena_a_running_cluster_maps(tmp_path: Path) -> None:
+    config = config_with_tiers(tmp_path)
+    running = DeviceArena.create_file(arena_path(config, "0000000000bb"), 4096)
+    stopped = arena_path(config, ARENA_ID)
+    stopped.write_bytes(b"arena")
+    assert lifecycle.remove_arena(config, settle_s=0.3) == [stopped]
+    assert arena_path(config, "0000000000bb").exists()
+    running.close()
+    assert lifecycle.remove_arena(config, settle_s=0.3) == [arena_path(config, "0000000000bb")]

@@ -6,6 +6,7 @@ The placement logic itself (grants, reports, dead holders) is tested against
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from cluster.config import parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.placement_replica import PlacementReplica, actor_is_dead, arena_path
+from memory_tiers.arena import DeviceArena
 from memory_tiers.ddr import InProcessObjectStore
 from memory_tiers.errors import ExpertUnavailable
 from memory_tiers.packing import checkpoint_nbytes
@@ -32,6 +34,7 @@ CONFIG = LlamaConfig(
     max_position_embeddings=64,
 )
 NAMES = ("a", "b", "c")
+ARENA_ID = "0123456789ab"
 
 
 def _checkpoint(directory: Path, seed: int) -> Path:
@@ -69,6 +72,7 @@ def _replica(tmp_path: Path, torn: bool = False, probe: Any = None) -> Placement
             handle.truncate(weights.stat().st_size // 2)
     replica = PlacementReplica()
     replica.new_store = InProcessObjectStore
+    replica.arena_id = lambda: ARENA_ID
     if probe is not None:
         replica.holder_is_dead = probe
     replica.reconfigure(
@@ -107,10 +111,10 @@ def test_the_grant_service_gets_the_arena_file_and_tier_settings(tmp_path: Path)
     assert replica.service is grants.placement
     assert grants.placement.experts() == ["a", "b", "c"]
     config = parse_config(_config_data(tmp_path, torn=False))
-    assert grants.placement.arena_path("host0") == arena_path(config)
+    assert grants.placement.arena_path("host0") == arena_path(config, ARENA_ID)
     assert grants.slots.slots == 2 and grants.placement.policy == "lru"
     assert not grants.restarted and grants.ready_at == 0.0
-    assert replica.describe("a")["arena_path"] == str(arena_path(config))
+    assert replica.describe("a")["arena_path"] == str(arena_path(config, ARENA_ID))
 
 
 def test_the_holder_probe_is_the_one_the_replica_was_given(tmp_path: Path) -> None:
@@ -191,3 +195,61 @@ def test_only_rays_word_that_the_actor_died_counts_as_dead() -> None:
     assert asyncio.run(actor_is_dead(_Contact(None))) is False
     assert asyncio.run(actor_is_dead(_Contact(TimeoutError()))) is False
     assert asyncio.run(actor_is_dead(_Contact(RuntimeError("unreachable")))) is False
+
+
+def test_grants_last_one_request_timeout_and_slot_waits_are_bounded(tmp_path: Path) -> None:
+    replica = _replica(tmp_path)
+    grants = replica._require()
+    defaults = parse_config(_config_data(tmp_path, torn=False))
+    assert grants.slots.wait_s == defaults.tiers.slot_wait_s
+    assert grants.grant_lifetime_s == defaults.serve.request_timeout_s
+    data = _config_data(tmp_path, torn=False)
+    data["tiers"]["slot_wait_s"] = 7.0
+    data["serve"]["request_timeout_s"] = 42.0
+    checkpoints = {name: str(tmp_path / name) for name in NAMES}
+    replica.reconfigure({"config": data, "checkpoints": checkpoints})
+    assert grants.grant_lifetime_s == 42.0  # the request timeout applies at once
+
+    async def scenario() -> None:
+        before = time.time()
+        grant = await replica.acquire("a", "replica-1", "contact-1")
+        assert grant.expires_at is not None
+        assert before + 42.0 <= grant.expires_at <= time.time() + 42.0
+        assert replica.release(grant) is True
+
+    asyncio.run(scenario())
+    fresh = PlacementReplica()
+    fresh.new_store = InProcessObjectStore
+    fresh.arena_id = lambda: ARENA_ID
+    (tmp_path / "second").mkdir()
+    data["tiers"]["arena_dir"] = str(tmp_path / "second")
+    fresh.reconfigure({"config": data, "checkpoints": checkpoints})
+    assert fresh._require().slots.wait_s == 7.0
+
+
+def test_arenas_of_stopped_clusters_go_at_start_and_ours_goes_after_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    stale = tmp_path / "coe-unit-0000000000aa-host0.arena"
+    stale.write_bytes(b"\0" * 64)  # a killed cluster's: nobody maps it
+    live = DeviceArena.create_file(tmp_path / "coe-unit-0000000000bb-host0.arena", 4096)
+    other_app = tmp_path / "coe-other-0000000000cc-host0.arena"
+    other_app.write_bytes(b"\0" * 64)
+    first = _replica(tmp_path)
+    config = parse_config(_config_data(tmp_path, torn=False))
+    ours = arena_path(config, ARENA_ID)
+    assert first.arena_file == ours and ours.is_file()
+    assert not stale.exists() and live.path is not None and live.path.exists()
+    assert other_app.exists()
+    # A restart in the same cluster finds the same file, with its residents.
+    restarted = PlacementReplica()
+    restarted.new_store = InProcessObjectStore
+    restarted.arena_id = lambda: ARENA_ID
+    checkpoints = {name: str(tmp_path / name) for name in NAMES}
+    restarted.reconfigure({"config": _config_data(tmp_path, False), "checkpoints": checkpoints})
+    assert restarted._require().restarted and restarted.arena_file == ours
+    first.__del__()  # Serve stops one replica: the other still maps the arena
+    assert ours.exists()
+    restarted.__del__()
+    assert not ours.exists()
+    live.close()
