@@ -68,10 +68,11 @@ class ExpertServer:
         self.engine.generate(probe)
 
     def _with_instructions(self, request: GenerationRequest) -> GenerationRequest:
-        """Prepend the expert's system prompt unless the client brought its own."""
+        """Prepend the expert's system prompt unless the client brought its own; a raw
+        prompt (a text completion) is continued as it is, without one."""
         self.requests += 1
         has_system = any(m.role == "system" for m in request.messages)
-        if not self.system_prompt or has_system:
+        if not self.system_prompt or has_system or request.prompt is not None:
             return request
         system = ChatMessage(role="system", content=self.system_prompt)
         return replace(request, messages=(system, *request.messages))

@@ -30,17 +30,36 @@ MIN_SAMPLING_TEMPERATURE = 1e-6
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One answer to generate: a conversation, or (`prompt`) raw text to continue.
+
+    A raw prompt is a text completion: no chat template and no system prompt, the
+    model continues the text as it is. `top_k` and `min_p` (None: off) shape sampling
+    only; `repetition_penalty` (1: off) and `min_tokens` apply to greedy decoding too.
+    """
+
     messages: tuple[ChatMessage, ...]
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # no end-of-sequence token before this many new tokens
+    ignore_eos: bool = False  # the end-of-sequence token never ends the answer
+    prompt: str | None = None
 
     @property
     def samples(self) -> bool:
         """Whether this request samples; False means greedy decoding."""
         return self.temperature >= MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def min_new_tokens(self) -> int:
+        """Tokens before which end-of-sequence is suppressed: all of them with
+        `ignore_eos`, so the answer runs to `max_tokens` unless a stop string ends it."""
+        return self.max_tokens if self.ignore_eos else min(self.min_tokens, self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,9 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """A piece of streamed text; the last chunk carries the finish reason and counts."""
+    """A piece of streamed text; the last chunk carries the finish reason and the
+    counts. Engines also give text chunks the counts so far (vLLM's continuous usage);
+    a chunk without them has zeros."""
 
     text: str
     finish_reason: FinishReason | None = None
@@ -92,14 +113,24 @@ class Engine(Protocol):
 def batch_key(request: GenerationRequest) -> Hashable | None:
     """Requests with equal keys may share a batch; None: this one runs alone.
 
-    One `generate` call has one sampling setting, so the key is that setting. Seeded
-    sampling runs alone: its answer must not depend on what it was batched with.
+    One `generate` call has one sampling setting, so the key is that setting: the
+    logits processors (repetition penalty, end-of-sequence suppression) and, when
+    sampling, the warpers. Seeded sampling runs alone: its answer must not depend on
+    what it was batched with.
     """
+    decoding = (request.repetition_penalty, request.min_new_tokens)
     if request.samples:
         if request.seed is not None:
             return None
-        return ("sample", request.temperature, request.top_p)
-    return ("greedy",)
+        return (
+            "sample",
+            request.temperature,
+            request.top_p,
+            request.top_k,
+            request.min_p,
+            *decoding,
+        )
+    return ("greedy", *decoding)
 
 
 @dataclass

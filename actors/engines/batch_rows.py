@@ -15,7 +15,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from actors.engines.base import BatchJob, FinishReason, StreamChunk
+from actors.engines.base import BatchJob, FinishReason, GenerationRequest, StreamChunk
 from actors.engines.text import StopTrimmer
 
 
@@ -51,12 +51,12 @@ class BatchRows(StoppingCriteria, BaseStreamer):
         tokenizer: Any,
         rows: Sequence[tuple[BatchJob, tuple[str, ...], int]],
         eos_ids: frozenset[int],
-        answer_text: Callable[[str], str] = str,
+        answer_text: Callable[[str, GenerationRequest], str] | None = None,
     ) -> None:
         """`answer_text` tidies a non-streamed answer once it is whole (the engine's
         rule for the answers it generates alone)."""
         self.tokenizer = tokenizer
-        self.answer_text = answer_text
+        self.answer_text = answer_text or (lambda text, _request: text)
         self.rows = [_Row(job, stops, prompt_tokens) for job, stops, prompt_tokens in rows]
         self.eos_ids = eos_ids
         self._prompt_seen = False
@@ -84,7 +84,7 @@ class BatchRows(StoppingCriteria, BaseStreamer):
         if not row.job.stream:
             row.held += text
         elif text:
-            row.job.emit(StreamChunk(text=text))
+            row.job.emit(StreamChunk(text, None, row.prompt_tokens, len(row.tokens)))
         if (
             row.trimmer.stopped
             or len(row.tokens) >= row.job.request.max_tokens
@@ -117,7 +117,7 @@ class BatchRows(StoppingCriteria, BaseStreamer):
         for row in self.rows:
             tail = row.trimmer.flush()
             if not row.job.stream:
-                tail = self.answer_text(row.held + tail)
+                tail = self.answer_text(row.held + tail, row.job.request)
             row.job.emit(
                 StreamChunk(
                     text=tail,

@@ -44,6 +44,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PLAIN_STOPS = ("\nUser:", "\nAssistant:")
 
 
+class _CountingStreamer(TextIteratorStreamer):
+    """A `TextIteratorStreamer` that also counts the tokens generated so far."""
+
+    generated = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        prompt = self.skip_prompt and self.next_tokens_are_prompt
+        super().put(value)
+        if not prompt:
+            self.generated += int(value.numel())
+
+
 class _Cancelled(StoppingCriteria):
     def __init__(self, cancellation: Cancellation) -> None:
         self.cancellation = cancellation
@@ -93,9 +105,20 @@ class TransformersEngine:
 
     # -- prompt -------------------------------------------------------------------
 
+    def _transcript(self, request: GenerationRequest) -> bool:
+        """Whether the answer is a turn of a plain transcript (a base model's chat)."""
+        return self.chat_format == "plain" and request.prompt is None
+
     def _stops(self, request: GenerationRequest) -> tuple[str, ...]:
-        plain = PLAIN_STOPS if self.chat_format == "plain" else ()
+        plain = PLAIN_STOPS if self._transcript(request) else ()
         return tuple(dict.fromkeys(plain + request.stop))
+
+    def encode_request(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """The model's input: a raw prompt as it is, else the conversation."""
+        if request.prompt is None:
+            return self.encode(request.messages)
+        encoded: Any = self.tokenizer(request.prompt, return_tensors="pt")
+        return {key: value.to(self.device) for key, value in encoded.items()}
 
     def encode(self, messages: tuple[ChatMessage, ...]) -> dict[str, torch.Tensor]:
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]
@@ -113,9 +136,23 @@ class TransformersEngine:
 
     @staticmethod
     def _sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+        """`generate`'s decoding settings. Unset top_k is off (0), not transformers'
+        default of 50: an OpenAI client that sets only top_p gets nucleus sampling."""
+        kwargs: dict[str, Any] = {
+            "repetition_penalty": request.repetition_penalty,
+            "min_new_tokens": request.min_new_tokens or None,
+        }
         if request.samples:
-            return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            kwargs.update(
+                do_sample=True,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k or 0,
+                min_p=request.min_p,
+            )
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+        return kwargs
 
     def _generate_kwargs(
         self, request: GenerationRequest, inputs: dict[str, Any]
@@ -140,10 +177,11 @@ class TransformersEngine:
         except ValueError:
             return []
 
-    def answer_text(self, text: str) -> str:
+    def answer_text(self, text: str, request: GenerationRequest) -> str:
         """A whole (non-streamed) answer as returned: a base model continues
-        "Assistant:" after a space, so its answer is trimmed."""
-        return text.strip() if self.chat_format == "plain" else text
+        "Assistant:" after a space, so its answer is trimmed (a raw prompt's
+        continuation is returned as generated)."""
+        return text.strip() if self._transcript(request) else text
 
     def _seed(self, request: GenerationRequest) -> None:
         if request.seed is not None:
@@ -156,7 +194,7 @@ class TransformersEngine:
     # -- generation ---------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        inputs = self.encode(request.messages)
+        inputs = self.encode_request(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         with self._slot, torch.inference_mode():
             self._seed(request)
@@ -165,7 +203,7 @@ class TransformersEngine:
         raw: str = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         text, stopped = trim_at_stop(raw, self._stops(request))
         return GenerationResult(
-            text=self.answer_text(text),
+            text=self.answer_text(text, request),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             finish_reason=self._finish(len(new_ids), request, stopped),
@@ -175,9 +213,9 @@ class TransformersEngine:
         self, request: GenerationRequest, cancellation: Cancellation | None = None
     ) -> Iterator[StreamChunk]:
         cancellation = cancellation or Cancellation()
-        inputs = self.encode(request.messages)
+        inputs = self.encode_request(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        streamer = TextIteratorStreamer(
+        streamer = _CountingStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
         kwargs = self._generate_kwargs(request, inputs)
@@ -202,7 +240,7 @@ class TransformersEngine:
             for piece in streamer:
                 text = trimmer.feed(piece)
                 if text:
-                    yield StreamChunk(text=text)
+                    yield StreamChunk(text, None, prompt_tokens, streamer.generated)
                 if trimmer.stopped:
                     break
             drained = True
@@ -236,7 +274,7 @@ class TransformersEngine:
         keys = {batch_key(job.request) for job in jobs}
         if len(jobs) > 1 and (None in keys or len(keys) > 1):
             raise ValueError("a batch needs one sampling setting and no seeded sampling")
-        prompts = [self.encode(job.request.messages)["input_ids"][0] for job in jobs]
+        prompts = [self.encode_request(job.request)["input_ids"][0] for job in jobs]
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)

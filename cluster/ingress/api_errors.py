@@ -41,6 +41,12 @@ class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class Unsupported(InvalidRequest):
+    """A known field with a value this server does not offer (n > 1, logprobs, ...)."""
+
+    code = "unsupported_value"
+
+
 class PayloadTooLarge(InvalidRequest):
     """The raw request body is larger than any request within the limits could be."""
 

@@ -26,12 +26,13 @@ from cluster.ingress.api_errors import (
     describe_validation_errors,
 )
 from cluster.ingress.auth import UNAUTHORIZED_MESSAGE, ApiKeyGate
-from cluster.ingress.openai_api import ChatCompletionRequest, RouteRequest
-from cluster.ingress.service import ChatStream, CoEService, sse
+from cluster.ingress.openai_api import ChatCompletionRequest, CompletionRequest, RouteRequest
+from cluster.ingress.service import ChatStream, CoEService, Completion, sse
 
 # Paths a load balancer may probe without a key; everything else (the API, /docs,
-# /openapi.json) needs it when one is set.
-OPEN_PATHS = frozenset({"/healthz"})
+# /openapi.json) needs it when one is set. /health is vLLM's name for the same probe,
+# which its clients (guidellm among them) call before they start.
+OPEN_PATHS = frozenset({"/healthz", "/health"})
 # Closing an abandoned stream only cancels work; it never waits on a slow expert.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -143,6 +144,12 @@ class EventStreamResponse(StreamingResponse):
                 await self._events.aclose()
 
 
+def _answer(answer: Completion | ChatStream) -> JSONResponse | StreamingResponse:
+    if isinstance(answer, ChatStream):
+        return EventStreamResponse(sse_events(answer), answer.headers)
+    return JSONResponse(answer.body, headers=answer.headers)
+
+
 def build_http_app(service: CoEService, gate: ApiKeyGate | None = None) -> FastAPI:
     app = FastAPI(
         title="CoE cluster",
@@ -174,6 +181,10 @@ def build_http_app(service: CoEService, gate: ApiKeyGate | None = None) -> FastA
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return service.models()
@@ -186,10 +197,12 @@ def build_http_app(service: CoEService, gate: ApiKeyGate | None = None) -> FastA
         "/v1/chat/completions", openapi_extra=_schema(ChatCompletionRequest), response_model=None
     )
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        answer = await service.respond(await _read_body(request, service.max_body_bytes))
-        if isinstance(answer, ChatStream):
-            return EventStreamResponse(sse_events(answer), answer.headers)
-        return JSONResponse(answer.body, headers=answer.headers)
+        return _answer(await service.respond(await _read_body(request, service.max_body_bytes)))
+
+    @app.post("/v1/completions", openapi_extra=_schema(CompletionRequest), response_model=None)
+    async def completions(request: Request) -> JSONResponse | StreamingResponse:
+        body = await _read_body(request, service.max_body_bytes)
+        return _answer(await service.respond(body, kind="text"))
 
     def openapi() -> dict[str, Any]:
         # Request bodies are declared by hand (their models' `$defs` inside each body);

@@ -1,33 +1,42 @@
-"""OpenAI-compatible request and response shapes for the HTTP API and handle calls."""
+"""OpenAI-compatible request shapes and limits for the HTTP API, gRPC and handle calls.
+
+Two generation APIs share everything past their prompt: chat completions (a
+conversation, formatted by the expert's chat template, with its system prompt) and
+text completions (a raw prompt the expert continues as it is). Their sampling fields,
+and which of them are refused, are in `cluster/ingress/request_fields.py`.
+"""
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from actors.engines.base import ChatMessage, GenerationRequest, GenerationResult
+from actors.engines.base import ChatMessage, GenerationRequest
 from cluster.config import ServeSettings
-from cluster.ingress.api_errors import InvalidRequest, PromptTooLong, describe_validation_errors
-from router.decision import RouteDecision
+from cluster.ingress.api_errors import (
+    InvalidRequest,
+    PromptTooLong,
+    Unsupported,
+    describe_validation_errors,
+)
+from cluster.ingress.request_fields import (
+    SamplingFields,
+    StrictModel,
+    engine_settings,
+    refuse_unsupported,
+)
 
 # OpenAI's own bound on stop sequences.
 MAX_STOPS = 4
 
 
-class _Request(BaseModel):
-    # strict: "5" is not a number and "hi" is not a list; unknown fields are errors.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class TextPart(_Request):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class MessageIn(_Request):
+class MessageIn(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -38,35 +47,24 @@ class MessageIn(_Request):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Request):
-    include_usage: bool = False
+class StreamOptions(StrictModel):
+    include_usage: bool = Field(False, description="A last chunk with the usage.")
+    continuous_usage_stats: bool = Field(
+        False, description="With include_usage: the usage so far on every chunk (vLLM)."
+    )
 
 
-class ChatCompletionRequest(_Request):
-    """The subset of OpenAI's chat completion request this cluster honours."""
+class _Generation(SamplingFields):
+    """What both completion APIs take besides their prompt."""
 
     model: str = Field(min_length=1, description="'coe' to route, or an expert's name.")
-    messages: list[MessageIn] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or unset: greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = Field(
-        None,
-        ge=-(2**63),
-        le=2**63 - 1,
-        description="Sampling seed, a 64-bit signed integer (as in the gRPC API).",
-    )
-    n: Literal[1] | None = Field(None, description="Only one choice is supported.")
     stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = None
-    user: str | None = None
 
     @model_validator(mode="after")
-    def _checks(self) -> ChatCompletionRequest:
-        if not any(m.role == "user" and m.text().strip() for m in self.messages):
-            raise ValueError("messages must contain a non-empty user message")
+    def _check_stops(self) -> _Generation:
         stops = self.stop_list()
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError(
@@ -80,12 +78,72 @@ class ChatCompletionRequest(_Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def usage_on_every_chunk(self) -> bool:
+        """vLLM's continuous usage: only together with include_usage, as vLLM does."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
+
+    @property
+    def usage_at_end(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_Generation):
+    """OpenAI's chat completion request, with vLLM's extra sampling fields."""
+
+    messages: list[MessageIn] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    logprobs: bool | None = Field(None, description="Only false.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" and m.text().strip() for m in self.messages):
+            raise ValueError("messages must contain a non-empty user message")
+        return self
+
     def routing_text(self) -> str:
         """The text the router classifies: the latest user turn."""
         return next(m.text() for m in reversed(self.messages) if m.role == "user")
 
 
-class RouteRequest(_Request):
+class CompletionRequest(_Generation):
+    """OpenAI's legacy text completion request (one prompt), with vLLM's extra fields."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="The text to continue: a string, or a list holding one string."
+    )
+    echo: bool = Field(False, description="Only false.")
+    suffix: str | None = Field(None, description="Not supported.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported.")
+
+    def prompt_text(self) -> str:
+        """The one prompt, or a 400 saying why there is not exactly one text prompt."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            elif prompt and not all(isinstance(item, str) for item in prompt):
+                raise Unsupported(
+                    "prompt as token ids is not supported: the experts do not share one "
+                    "tokenizer; send the text",
+                    param="prompt",
+                )
+            else:
+                raise Unsupported(
+                    f"prompt must be one string or a list of one string, got a list of "
+                    f"{len(prompt)}; send one request per prompt",
+                    param="prompt",
+                )
+        if not prompt.strip():
+            raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+        return prompt
+
+    def routing_text(self) -> str:
+        return self.prompt_text()
+
+
+class RouteRequest(StrictModel):
     """Body of POST /v1/route: a prompt, or messages whose last user turn is routed."""
 
     prompt: str | None = Field(None, min_length=1)
@@ -106,7 +164,10 @@ class RouteRequest(_Request):
         return next(m.text() for m in reversed(self.messages) if m.role == "user")
 
 
-def parse_request(model: type[_Request], body: Any) -> Any:
+AnyCompletionRequest = ChatCompletionRequest | CompletionRequest
+
+
+def parse_request(model: type[StrictModel], body: Any) -> Any:
     """Validate a handle caller's dict the way the HTTP layer validates JSON."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
@@ -117,123 +178,49 @@ def parse_request(model: type[_Request], body: Any) -> Any:
         raise InvalidRequest(message, param=param) from None
 
 
-def to_generation_request(
-    request: ChatCompletionRequest, limits: ServeSettings
-) -> GenerationRequest:
-    """Apply the server's limits and defaults; raise a typed 4xx error when out of bounds."""
-    total_chars = sum(len(m.text()) for m in request.messages)
-    if total_chars > limits.max_prompt_chars:
-        raise PromptTooLong(
-            f"the conversation has {total_chars} characters; "
-            f"the limit is {limits.max_prompt_chars}",
-            param="messages",
-        )
+def _max_tokens(request: AnyCompletionRequest, limits: ServeSettings) -> int:
+    chosen = request.max_tokens
     # Name the field the client actually sent, so the message points at its own request.
-    field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-    max_tokens = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
+    field = "max_tokens"
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens:
+        chosen, field = request.max_completion_tokens, "max_completion_tokens"
+    max_tokens = chosen or limits.default_max_tokens
     if max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(
             f"{field} {max_tokens} exceeds this server's limit of {limits.max_tokens_limit}",
             param=field,
         )
+    if request.min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"min_tokens {request.min_tokens} exceeds max_tokens {max_tokens}",
+            param="min_tokens",
+        )
+    return max_tokens
+
+
+def to_generation_request(
+    request: AnyCompletionRequest, limits: ServeSettings
+) -> GenerationRequest:
+    """Apply the server's limits and defaults; raise a typed 4xx error when out of bounds."""
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    if isinstance(request, CompletionRequest):
+        prompt = request.prompt_text()
+        chars, what, param = len(prompt), "the prompt", "prompt"
+    else:
+        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in request.messages)
+        chars, what, param = sum(len(m.content) for m in messages), "the conversation", "messages"
+    if chars > limits.max_prompt_chars:
+        raise PromptTooLong(
+            f"{what} has {chars} characters; the limit is {limits.max_prompt_chars}",
+            param=param,
+        )
+    max_tokens = _max_tokens(request, limits)
+    refuse_unsupported(request)
     return GenerationRequest(
-        messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in request.messages),
+        messages=messages,
+        prompt=prompt,
         max_tokens=max_tokens,
-        temperature=request.temperature or 0.0,
-        top_p=request.top_p or 1.0,
         stop=tuple(request.stop_list()),
-        seed=request.seed,
+        **engine_settings(request),
     )
-
-
-def routing_metadata(decision: RouteDecision, requested_model: str) -> dict[str, Any]:
-    return {
-        "requested_model": requested_model,
-        "routed": requested_model == "coe",
-        "expert": decision.expert,
-        "category": decision.category,
-        "confidence": round(decision.confidence, 6),
-        "fallback": decision.fallback,
-    }
-
-
-def routing_headers(decision: RouteDecision) -> dict[str, str]:
-    return {
-        "x-coe-expert": decision.expert,
-        "x-coe-category": decision.category,
-        "x-coe-confidence": f"{decision.confidence:.4f}",
-        "x-coe-fallback": str(decision.fallback).lower(),
-    }
-
-
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def completion_body(
-    result: GenerationResult, decision: RouteDecision, requested_model: str
-) -> dict[str, Any]:
-    return {
-        "id": new_completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": decision.expert,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
-        "coe": routing_metadata(decision, requested_model),
-    }
-
-
-def chunk_body(
-    completion_id: str,
-    decision: RouteDecision,
-    requested_model: str,
-    delta: dict[str, str],
-    finish_reason: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": decision.expert,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        "coe": routing_metadata(decision, requested_model),
-    }
-
-
-def usage_chunk(
-    completion_id: str, decision: RouteDecision, prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": decision.expert,
-        "choices": [],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
-def models_body(expert_names: list[str]) -> dict[str, Any]:
-    created = int(time.time())
-    ids = ["coe", *expert_names]
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "coe"} for name in ids
-        ],
-    }

@@ -5,9 +5,9 @@ ingress supplies one made of deployment handles, unit tests a fake one. Both the
 HTTP API and Python handle callers go through the same methods, so they get the
 same validation, the same errors, the same limits and the same bodies.
 
-A chat request (`respond`, `chat`, `open_stream`) is bounded by
-`serve.request_timeout_s` from its first byte to its last chunk, and reported to an
-optional `RequestObserver` exactly once, however it ends.
+A chat or text completion (`respond`, `chat`, `open_stream`, `text_completion`,
+`open_text_stream`) is bounded by `serve.request_timeout_s` from its first byte to its
+last chunk, and reported to an optional `RequestObserver` exactly once, however it ends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from actors.engines.base import GenerationRequest, GenerationResult, StreamChunk
 from cluster.config import ROUTED_MODEL, ServeSettings
@@ -32,21 +32,23 @@ from cluster.ingress.api_errors import (
     RequestTimedOut,
 )
 from cluster.ingress.openai_api import (
+    AnyCompletionRequest,
     ChatCompletionRequest,
+    CompletionRequest,
     RouteRequest,
-    chunk_body,
-    completion_body,
-    models_body,
-    new_completion_id,
     parse_request,
-    routing_headers,
     to_generation_request,
-    usage_chunk,
 )
+from cluster.ingress.shapes import CHAT, TEXT, Shape, models_body, routing_headers, usage_body
 from router.decision import RouteDecision
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+Kind = Literal["chat", "text"]
+REQUESTS: dict[Kind, tuple[type[AnyCompletionRequest], Shape]] = {
+    "chat": (ChatCompletionRequest, CHAT),
+    "text": (CompletionRequest, TEXT),
+}
 
 # The status a request gets when its client went away first (nginx's convention).
 CLIENT_CLOSED = 499
@@ -93,11 +95,12 @@ class RequestObserver(Protocol):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated chat request with its routing decision, ready to dispatch."""
+    """A validated chat or text completion request with its routing decision."""
 
-    request: ChatCompletionRequest
+    request: AnyCompletionRequest
     generation: GenerationRequest
     decision: RouteDecision
+    shape: Shape = CHAT
 
     @property
     def headers(self) -> dict[str, str]:
@@ -106,7 +109,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole (non-streamed) chat completion and the headers it goes out with."""
+    """A whole (non-streamed) completion and the headers it goes out with."""
 
     body: dict[str, Any]
     headers: dict[str, str]
@@ -194,7 +197,7 @@ class _Deadline:
 
 
 class ChatStream:
-    """A streamed chat completion whose first chunk has already arrived.
+    """A streamed (chat or text) completion whose first chunk has already arrived.
 
     Whatever went wrong before that chunk (validation, overload, a timeout, a dead
     expert) was raised by `open_stream` as a `CoEError`, so an HTTP client gets a
@@ -289,9 +292,10 @@ class CoEService:
         decision = await self.backend.route(text)
         return decision.to_dict()
 
-    async def prepare(self, body: Any) -> Prepared:
+    async def prepare(self, body: Any, kind: Kind = "chat") -> Prepared:
         """Validate and route; raises a typed 4xx error before any expert is touched."""
-        request: ChatCompletionRequest = parse_request(ChatCompletionRequest, self.decode(body))
+        model, shape = REQUESTS[kind]
+        request: AnyCompletionRequest = parse_request(model, self.decode(body))
         if request.model != ROUTED_MODEL and request.model not in self.backend.expert_names:
             raise ModelNotFound(
                 f"model {request.model!r} does not exist; use 'coe' or one of "
@@ -303,7 +307,7 @@ class CoEService:
             decision = await self.backend.route(request.routing_text())
         else:
             decision = direct_decision(request.model)
-        return Prepared(request, generation, decision)
+        return Prepared(request, generation, decision, shape)
 
     async def complete(self, prepared: Prepared) -> dict[str, Any]:
         """Dispatch a prepared request and shape the answer (no timeout, no observer)."""
@@ -313,28 +317,38 @@ class CoEService:
             raise
         except Exception as error:
             raise _expert_failed(prepared.decision.expert, error) from error
-        return completion_body(result, prepared.decision, prepared.request.model)
+        return prepared.shape.whole(result, prepared.decision, prepared.request.model)
 
     async def stream_chunks(self, prepared: Prepared) -> AsyncGenerator[dict[str, Any], None]:
         """OpenAI chunk objects for a streamed completion (no timeout, no observer).
 
         Nothing is yielded before the expert's first chunk arrives, so a refusal or
         failure before it surfaces at the first `anext`. Closing this generator
-        closes the expert's stream.
+        closes the expert's stream. With vLLM's continuous usage every chunk carries
+        the usage so far (the engines count tokens as they stream).
         """
-        decision, model = prepared.decision, prepared.request.model
-        completion_id = new_completion_id()
+        decision, model, shape = prepared.decision, prepared.request.model, prepared.shape
+        completion_id = shape.new_id()
+        every = prepared.request.usage_on_every_chunk
+
+        def counted(chunk: dict[str, Any], prompt_tokens: int, tokens: int) -> dict[str, Any]:
+            if every:
+                chunk["usage"] = usage_body(prompt_tokens, tokens)
+            return chunk
+
         final: StreamChunk | None = None
-        role_sent = False
+        opened = False
         source = self.backend.stream(decision.expert, prepared.generation)
         try:
             async for chunk in source:
-                if not role_sent:
-                    role_sent = True
-                    role = {"role": "assistant", "content": ""}
-                    yield chunk_body(completion_id, decision, model, role)
+                if not opened:
+                    opened = True
+                    opening = shape.opening(completion_id, decision, model)
+                    if opening is not None:
+                        yield counted(opening, chunk.prompt_tokens, 0)
                 if chunk.text:
-                    yield chunk_body(completion_id, decision, model, {"content": chunk.text})
+                    piece = shape.text_piece(completion_id, decision, model, chunk.text)
+                    yield counted(piece, chunk.prompt_tokens, chunk.completion_tokens)
                 if chunk.finish_reason is not None:
                     final = chunk
         except CoEError:
@@ -348,14 +362,19 @@ class CoEService:
                 await close()
         if final is None:
             raise ExpertFailed(f"expert {decision.expert!r} ended the stream without finishing")
-        yield chunk_body(completion_id, decision, model, {}, final.finish_reason)
-        options = prepared.request.stream_options
-        if options is not None and options.include_usage:
-            yield usage_chunk(completion_id, decision, final.prompt_tokens, final.completion_tokens)
+        last = shape.text_piece(completion_id, decision, model, "", final.finish_reason)
+        yield counted(last, final.prompt_tokens, final.completion_tokens)
+        if prepared.request.usage_at_end:
+            yield shape.usage_chunk(
+                completion_id, decision, final.prompt_tokens, final.completion_tokens
+            )
 
-    async def respond(self, body: Any, stream: bool | None = None) -> Completion | ChatStream:
-        """One chat request end to end: a `Completion`, or a `ChatStream` when the
-        request asks to stream (`stream` overrides the request's own flag).
+    async def respond(
+        self, body: Any, stream: bool | None = None, kind: Kind = "chat"
+    ) -> Completion | ChatStream:
+        """One chat (or, with kind "text", text) completion end to end: a `Completion`,
+        or a `ChatStream` when the request asks to stream (`stream` overrides the
+        request's own flag).
 
         `body` is the decoded JSON or its raw bytes. Every failure before the answer
         (or its first chunk) is raised as a `CoEError`.
@@ -363,7 +382,7 @@ class CoEService:
         ticket = _Ticket(self.observer)
         try:
             deadline = _Deadline(self.limits.request_timeout_s)
-            prepared = await deadline.run(self.prepare(body))
+            prepared = await deadline.run(self.prepare(body, kind))
             streaming = prepared.request.stream if stream is None else stream
             ticket.dispatch(prepared.decision)
             if streaming:
@@ -384,6 +403,18 @@ class CoEService:
     async def open_stream(self, body: Any) -> ChatStream:
         """A streamed chat completion, opened up to its first chunk (the handle API)."""
         answer = await self.respond(body, stream=True)
+        assert isinstance(answer, ChatStream)
+        return answer
+
+    async def text_completion(self, body: Any) -> dict[str, Any]:
+        """A whole non-streaming text completion (the handle API)."""
+        answer = await self.respond(body, stream=False, kind="text")
+        assert isinstance(answer, Completion)
+        return answer.body
+
+    async def open_text_stream(self, body: Any) -> ChatStream:
+        """A streamed text completion, opened up to its first chunk (the handle API)."""
+        answer = await self.respond(body, stream=True, kind="text")
         assert isinstance(answer, ChatStream)
         return answer
 

@@ -57,6 +57,19 @@ class IngressReplica(GrpcIngressMixin):
         finally:
             await stream.aclose()  # a caller that stops early frees the expert
 
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The same body and result as POST /v1/completions without streaming."""
+        return await self.service.text_completion(body)
+
+    async def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI text completion chunks; call with `handle.options(stream=True)`."""
+        stream = await self.service.open_text_stream(body)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
     async def route(self, body: dict[str, Any]) -> dict[str, Any]:
         """The same as POST /v1/route."""
         return await self.service.route(body)

@@ -208,7 +208,13 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_url: str, cluster: Runnin
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fuzz_operation(operation, mode, fuzz_url, tally, deadline)
     print(tally.report())
-    assert {"POST /v1/chat/completions", "POST /v1/route", "GET /v1/models"} <= set(labels)
+    assert {
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "POST /v1/route",
+        "GET /v1/models",
+        "GET /health",
+    } <= set(labels)
     assert tally.failures == [], tally.report()
     assert tally.sent >= 100, tally.report()
     # Some generated requests reached the experts and were answered.

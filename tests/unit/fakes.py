@@ -55,6 +55,7 @@ class FakeBackend:
         self.hang_stream_after = hang_stream_after
         self.cancelled: list[str] = []
         self.closed_streams: list[str] = []
+        self.requests: list[GenerationRequest] = []  # what reached an expert, in order
 
     async def route(self, prompt: str) -> RouteDecision:
         self.calls.append(("route", prompt))
@@ -63,6 +64,7 @@ class FakeBackend:
 
     async def generate(self, expert: str, request: GenerationRequest) -> GenerationResult:
         self.calls.append(("generate", expert))
+        self.requests.append(request)
         if self.refuse is not None:
             raise self.refuse
         if self.hang_generate:
@@ -71,11 +73,13 @@ class FakeBackend:
             except asyncio.CancelledError:
                 self.cancelled.append(expert)
                 raise
-        text = f"{expert} says: {request.messages[-1].content}"
+        said = request.prompt if request.prompt is not None else request.messages[-1].content
+        text = f"{expert} says: {said}"
         return GenerationResult(text, prompt_tokens=3, completion_tokens=4, finish_reason="stop")
 
     async def stream(self, expert: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         self.calls.append(("stream", expert))
+        self.requests.append(request)
         if self.refuse is not None:
             raise self.refuse
         finished = False
@@ -83,7 +87,7 @@ class FakeBackend:
             for index, word in enumerate(("hello", " world")):
                 if index == self.hang_stream_after:
                     await asyncio.Event().wait()
-                yield StreamChunk(text=word)
+                yield StreamChunk(word, None, prompt_tokens=3, completion_tokens=index + 1)
             if self.fail_stream:
                 raise RuntimeError("replica died")
             if self.hang_stream_after is not None and self.hang_stream_after >= 2:
