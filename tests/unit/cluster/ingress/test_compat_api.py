@@ -204,6 +204,19 @@ def test_refused_fields_sent_with_their_neutral_values_are_accepted(
     assert response.status_code == 200, response.text
 
 
+def refused_with_400(
+    client: TestClient, backend: FakeBackend, path: str, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The OpenAI error body of a request the API refuses before any backend call."""
+    base = CHAT if path.endswith("chat/completions") else TEXT
+    response = client.post(path, json={**base, **extra})
+    assert response.status_code == 400, response.text
+    assert backend.calls == []
+    error: dict[str, Any] = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
 REFUSED = [
     ("/v1/chat/completions", {"n": 2}, "n"),
     ("/v1/completions", {"n": 3}, "n"),
@@ -234,15 +247,10 @@ REFUSED = [
 def test_refused_fields_get_openai_errors_and_change_nothing(
     client: TestClient, backend: FakeBackend, path: str, extra: dict[str, Any], param: str
 ) -> None:
-    base = CHAT if path.endswith("chat/completions") else TEXT
-    response = client.post(path, json={**base, **extra})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error"
+    error = refused_with_400(client, backend, path, extra)
     assert error["code"] == "unsupported_value"
     assert error["param"] == param
     assert f"{param}=" in error["message"] and "not supported" in error["message"]
-    assert backend.calls == []
 
 
 BAD = [
@@ -274,13 +282,7 @@ BAD = [
 def test_bad_values_of_new_fields_are_400s(
     client: TestClient, backend: FakeBackend, path: str, extra: dict[str, Any], fragment: str
 ) -> None:
-    base = CHAT if path.endswith("chat/completions") else TEXT
-    response = client.post(path, json={**base, **extra})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error"
-    assert fragment in error["message"]
-    assert backend.calls == []
+    assert fragment in refused_with_400(client, backend, path, extra)["message"]
 
 
 def test_text_completion_without_prompt_or_with_unknown_model(client: TestClient) -> None:
