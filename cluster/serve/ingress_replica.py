@@ -18,9 +18,18 @@ from cluster.config import parse_config
 from cluster.ingress.auth import ApiKeyGate
 from cluster.ingress.grpc.methods import GrpcIngressMixin
 from cluster.ingress.http_api import build_http_app
-from cluster.ingress.service import CoEService
+from cluster.ingress.service import ChatStream, CoEService
 from cluster.serve.handle_backend import HandleBackend
 from cluster.serve.metrics import ServeRequestMetrics
+
+
+async def _relay(stream: ChatStream) -> AsyncIterator[dict[str, Any]]:
+    """A stream's chunks; a caller that stops early closes it, which frees the expert."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        await stream.aclose()
 
 
 class IngressReplica(GrpcIngressMixin):
@@ -50,12 +59,8 @@ class IngressReplica(GrpcIngressMixin):
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """OpenAI chunk objects; call with `handle.options(stream=True)`."""
-        stream = await self.service.open_stream(body)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()  # a caller that stops early frees the expert
+        async for chunk in _relay(await self.service.open_stream(body)):
+            yield chunk
 
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         """The same body and result as POST /v1/completions without streaming."""
@@ -63,12 +68,8 @@ class IngressReplica(GrpcIngressMixin):
 
     async def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """OpenAI text completion chunks; call with `handle.options(stream=True)`."""
-        stream = await self.service.open_text_stream(body)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()
+        async for chunk in _relay(await self.service.open_text_stream(body)):
+            yield chunk
 
     async def route(self, body: dict[str, Any]) -> dict[str, Any]:
         """The same as POST /v1/route."""
