@@ -152,6 +152,12 @@ class ExpertSettings(StrictModel):
     ray_actor_options: ActorOptions = Field(
         default_factory=lambda: ActorOptions(), description="Per-replica resources."
     )
+    dedicated: bool = Field(
+        False,
+        description="With executors.enabled: give this expert a Serve deployment of its own "
+        "(its autoscaling, max_ongoing_requests and ray_actor_options apply to it) instead "
+        "of running it on the executor pool. Without executors every expert is dedicated.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> ExpertSettings:
@@ -263,6 +269,56 @@ class TierSettings(StrictModel):
         return self
 
 
+class ExecutorSettings(StrictModel):
+    """A pool of executor replicas, each able to run any expert whose bytes the tiers hold.
+
+    Processes grow with executors, not with experts: an executor keeps one meta-device
+    model skeleton per distinct architecture and binds the requested expert's arena
+    region into it (the tier switch), with that expert's tokenizer, system prompt, chat
+    format and engine. Requests reach an executor through Ray Serve's model
+    multiplexing, which prefers an executor that already holds the expert.
+    """
+
+    enabled: bool = Field(
+        False,
+        description="Serve every expert not marked dedicated on the executor pool; needs "
+        "tiers.enabled (executors bind the experts' bytes in the device arena).",
+    )
+    replicas: int = Field(2, ge=1, description="Executor replicas (the minimum when autoscaled).")
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="When above replicas, Serve scales the pool between the two on the "
+        "total demand of its experts (target_ongoing_requests per executor).",
+    )
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="In-flight requests per executor the autoscaler aims for."
+    )
+    max_experts_per_replica: int = Field(
+        32,
+        ge=1,
+        description="Experts an executor keeps ready (tokenizer, engine, batcher; not weights): "
+        "Serve's max_num_models_per_replica. Evicting one costs only rebuilding that state.",
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one executor accepts at once, all experts together."
+    )
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="Requests that may wait for an executor; beyond that 429 with Retry-After.",
+    )
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per executor.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ExecutorSettings:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas})"
+            )
+        return self
+
+
 class ServeSettings(StrictModel):
     """Where and how the cluster listens."""
 
@@ -344,6 +400,9 @@ class CoEConfig(StrictModel):
     generalist: str = Field(description="Expert that answers prompts the router is unsure about.")
     router: RouterSettings = Field(default_factory=lambda: RouterSettings(), description="Router.")
     tiers: TierSettings = Field(default_factory=lambda: TierSettings(), description="Memory tiers.")
+    executors: ExecutorSettings = Field(
+        default_factory=lambda: ExecutorSettings(), description="The executor pool."
+    )
     serve: ServeSettings = Field(default_factory=lambda: ServeSettings(), description="Serving.")
     cache_dir: str | None = Field(
         None, description="Where demo checkpoints are built; $COE_CACHE_DIR, then ~/.cache/coe."
@@ -385,7 +444,20 @@ class CoEConfig(StrictModel):
         for pinned in self.tiers.pinned:
             if pinned not in names:
                 raise ValueError(f"tiers.pinned names unknown expert {pinned!r}")
+        if self.executors.enabled and not self.tiers.enabled:
+            raise ValueError("executors.enabled needs tiers.enabled: executors bind tier bytes")
         return self
+
+    def executor_experts(self) -> list[ExpertSettings]:
+        """The experts that run on the executor pool (none when it is off)."""
+        if not self.executors.enabled:
+            return []
+        return [e for e in self.experts if not e.dedicated]
+
+    def dedicated_experts(self) -> list[ExpertSettings]:
+        """The experts with a Serve deployment of their own."""
+        pooled = {e.name for e in self.executor_experts()}
+        return [e for e in self.experts if e.name not in pooled]
 
     def expert(self, name: str) -> ExpertSettings:
         for expert in self.experts:

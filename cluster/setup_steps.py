@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,32 @@ def prepare_checkpoints(config: CoEConfig, progress: Progress) -> dict[str, Path
         check_weights_complete(directory)  # a truncated copy fails here, not in a replica
         checkpoints[expert.name] = directory
     check_tier_budget(config, checkpoints)
+    check_architectures(config, checkpoints)
     return checkpoints
+
+
+def check_architectures(config: CoEConfig, checkpoints: dict[str, Path]) -> None:
+    """Fail before anything starts when a tiered expert's model cannot be built as a
+    skeleton: the tiers (and the executors) bind bytes into a model built from the
+    checkpoint's config.json by transformers' causal-LM auto class."""
+    if not config.tiers.enabled:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for expert in config.experts:
+        config_file = checkpoints[expert.name] / "config.json"
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"expert {expert.name!r}: cannot read {config_file}: {error}"
+            ) from None
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ConfigError(
+                f"expert {expert.name!r}: its architecture (model_type {model_type!r} in "
+                f"{config_file}) is not a causal LM transformers can build, so no executor "
+                "or tiered replica can run it"
+            )
 
 
 def check_tier_budget(config: CoEConfig, checkpoints: dict[str, Path]) -> None:

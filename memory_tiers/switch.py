@@ -82,15 +82,23 @@ class ModelSkeleton:
 
     def check(self, views: Mapping[str, torch.Tensor]) -> None:
         """``BindError`` naming every missing, unexpected or mismatched tensor."""
-        missing = sorted(set(self.expected) - set(views))
-        unexpected = sorted(set(views) - set(self.expected))
+        self._check_shapes(
+            {name: (dtype_name(view.dtype), tuple(view.shape)) for name, view in views.items()}
+        )
+
+    def check_index(self, index: TensorIndex) -> None:
+        """``check`` against a packed expert's index, before any byte is bound."""
+        self._check_shapes({entry.name: (entry.dtype, tuple(entry.shape)) for entry in index})
+
+    def _check_shapes(self, found: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+        missing = sorted(set(self.expected) - set(found))
+        unexpected = sorted(set(found) - set(self.expected))
         mismatched = []
         for name, (dtype, shape) in self.expected.items():
-            view = views.get(name)
-            if view is not None and (dtype_name(view.dtype), tuple(view.shape)) != (dtype, shape):
+            seen = found.get(name)
+            if seen is not None and seen != (dtype, shape):
                 mismatched.append(
-                    f"{name}: expected {dtype}{list(shape)}, got "
-                    f"{dtype_name(view.dtype)}{list(view.shape)}"
+                    f"{name}: expected {dtype}{list(shape)}, got {seen[0]}{list(seen[1])}"
                 )
         problems = []
         if missing:

@@ -19,6 +19,9 @@ KERNEL_INJECTION_TYPES = frozenset(
     {"bert", "distilbert", "gpt2", "gptj", "gpt_neo", "gpt_neox", "opt", "bloom", "llama"}
 )
 
+# Set on a module once DeepSpeed has wrapped it (value: whether kernels were injected).
+PREPARED_MARK = "_coe_deepspeed_kernel_injection"
+
 
 def kernel_injection_supported(model_type: str, cuda: bool) -> bool:
     return cuda and model_type in KERNEL_INJECTION_TYPES
@@ -30,6 +33,12 @@ class DeepSpeedEngine(TransformersEngine):
     kernel_injection: bool = False
 
     def _prepare(self, model: Any, dtype: torch.dtype) -> Any:
+        # Experts that share one skeleton on an executor share its preparation too:
+        # wrapping the same module twice would inject kernels into injected kernels.
+        prepared = getattr(model, PREPARED_MARK, None)
+        if prepared is not None:
+            self.kernel_injection = bool(prepared)
+            return model
         import deepspeed
 
         self.kernel_injection = kernel_injection_supported(
@@ -40,4 +49,5 @@ class DeepSpeedEngine(TransformersEngine):
         )
         # The wrapped module keeps transformers' generate(); calling it directly
         # keeps one generation path for both engines.
+        setattr(wrapped.module, PREPARED_MARK, self.kernel_injection)
         return wrapped.module

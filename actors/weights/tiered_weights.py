@@ -1,14 +1,21 @@
-"""An expert replica's side of the memory tiers: a model skeleton bound into a device arena.
+"""A replica's side of the memory tiers: model skeletons bound into a device arena.
 
-The skeleton is built once on the `meta` device. The placement service copies the
+A skeleton is built once on the `meta` device. The placement service copies an
 expert's packed bytes into a region of the shared host arena and grants a lease; the
 replica then only rebinds the skeleton's tensors as views into that region, and only
-when the region's contents changed since it last bound them (a new generation, a
-new region, or a restarted placement service).
+when the region's contents changed since it last bound them (another expert, a new
+generation, a new region, or a restarted placement service).
+
+Experts with the same architecture can share one skeleton (`SharedSkeleton`): an
+executor keeps one per architecture, however many experts it runs, and binds each
+request's expert into it. Whoever shares a skeleton must run one batch on it at a
+time (`SharedSkeleton.lock`), since a bind re-points the one model every user sees.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +26,107 @@ from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import ResidencyReport
 from memory_tiers.switch import ModelSkeleton
 
+# What makes two checkpoints' skeletons interchangeable: the model's shape and its
+# generation defaults (eos tokens and the like live in generation_config.json).
+SKELETON_FILES = ("config.json", "generation_config.json")
+
+
+def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str) -> str:
+    """Experts with equal keys can share one skeleton (and one engine preparation)."""
+    digest = hashlib.sha256(f"{dtype}\0{engine}\0".encode())
+    for name in SKELETON_FILES:
+        path = checkpoint_dir / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return digest.hexdigest()[:16]
+
+
+class SharedSkeleton:
+    """One meta-device skeleton and which expert's region it is bound to right now."""
+
+    def __init__(self, skeleton: ModelSkeleton, key: str) -> None:
+        self.skeleton = skeleton
+        self.key = key
+        # (expert, incarnation, generation, offset) of the region the views point at.
+        self.bound: tuple[str, str, int, int] | None = None
+        # Held from bind to the end of the batch: another expert's bind would re-point
+        # the tensors under a running generation.
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path, dtype: str, engine: str) -> SharedSkeleton:
+        return cls(
+            ModelSkeleton.from_checkpoint(checkpoint_dir, dtype),
+            skeleton_key(checkpoint_dir, dtype, engine),
+        )
+
+    @property
+    def model(self) -> Any:
+        return self.skeleton.model
+
 
 class TieredWeights:
     """Keeps one expert's model bound to wherever the placement service put its bytes."""
 
     def __init__(
-        self, expert: str, checkpoint_dir: Path, dtype: str, index: TensorIndex, arena: DeviceArena
+        self, expert: str, index: TensorIndex, arena: DeviceArena, skeleton: SharedSkeleton
     ) -> None:
         self.expert = expert
         self.index = index
         self.arena = arena
-        self.skeleton = ModelSkeleton.from_checkpoint(checkpoint_dir, dtype)
-        self.bound: tuple[str, int, int] | None = None  # (incarnation, generation, offset)
+        self.shared = skeleton
         self.bound_lease: Lease | None = None
         self.rebinds = 0
 
+    @classmethod
+    def own(
+        cls,
+        expert: str,
+        checkpoint_dir: Path,
+        dtype: str,
+        engine: str,
+        index: TensorIndex,
+        arena: DeviceArena,
+    ) -> TieredWeights:
+        """Weights on a skeleton of their own (a dedicated expert replica)."""
+        skeleton = SharedSkeleton.from_checkpoint(checkpoint_dir, dtype, engine)
+        return cls(expert, index, arena, skeleton)
+
     @property
     def model(self) -> Any:
-        return self.skeleton.model
+        return self.shared.model
+
+    @property
+    def bound(self) -> tuple[str, int, int] | None:
+        """(incarnation, generation, offset) this expert is bound to; None when the
+        skeleton holds no region of this expert."""
+        bound = self.shared.bound
+        if bound is None or bound[0] != self.expert:
+            return None
+        return bound[1:]
 
     def bind(self, grant: Grant) -> bool:
         """Point the model at the granted region; True when it had to rebind."""
         lease = grant.lease
         if lease.expert != self.expert:
             raise ValueError(f"a lease for {lease.expert!r} was given to expert {self.expert!r}")
-        key = (grant.incarnation, lease.generation, lease.region.offset)
+        key = (self.expert, grant.incarnation, lease.generation, lease.region.offset)
         self.bound_lease = lease
-        if key == self.bound:
+        if key == self.shared.bound:
             return False
-        self.skeleton.bind_buffer(self.arena.host_view(lease.region), self.index, lease.generation)
-        self.bound = key
+        self.shared.bound = None  # a failed bind must not look like a good one
+        self.shared.skeleton.bind_buffer(
+            self.arena.host_view(lease.region), self.index, lease.generation
+        )
+        self.shared.bound = key
         self.rebinds += 1
         return True
 
     def report(self, in_use: bool) -> ResidencyReport | None:
-        """What this replica believes is resident, for a restarted placement service."""
+        """What this replica holds of this expert, for a restarted placement service:
+        only a region the skeleton is bound to now (the others may be gone)."""
         lease = self.bound_lease
-        if lease is None:
+        if lease is None or self.bound is None:
             return None
         return ResidencyReport(
             expert=lease.expert,

@@ -19,6 +19,7 @@ from cluster.console import COE_PREFIX, sayer
 from cluster.ingress.auth import key_fingerprint
 from cluster.serve.autoscaling import PolicySettings, serve_autoscaling_config
 from cluster.serve.deployments import (
+    ExecutorDeployment,
     ExpertDeployment,
     IngressDeployment,
     PlacementDeployment,
@@ -30,6 +31,7 @@ from cluster.setup_steps import prepare_checkpoints
 INGRESS_NAME = "ingress"
 ROUTER_NAME = "router"
 PLACEMENT_NAME = "placement"
+EXECUTOR_NAME = "executors"
 INGRESS_MAX_ONGOING = 1000
 
 
@@ -42,6 +44,10 @@ def expert_deployment_name(expert: str) -> str:
 CODE_FILES = (
     "cluster/serve/deployments.py",
     "cluster/serve/expert_replica.py",
+    "cluster/serve/executor_replica.py",
+    "cluster/serve/placement_client.py",
+    "actors/executor.py",
+    "actors/weights/tiered_weights.py",
     "cluster/serve/router_replica.py",
     "cluster/serve/ingress_replica.py",
     "cluster/serve/handle_backend.py",
@@ -123,7 +129,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         )
         placement = _versioned(placement_deployment).bind()
     experts = {}
-    for expert in config.experts:
+    for expert in config.dedicated_experts():
         autoscaling = autoscaling_config(expert.autoscaling)
         deployment = ExpertDeployment.options(
             name=expert_deployment_name(expert.name),
@@ -137,6 +143,11 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         experts[expert.name] = _versioned(deployment, *arguments, placement is not None).bind(
             *arguments, placement
         )
+    executors = None
+    pooled = config.executor_experts()
+    if pooled:
+        assert placement is not None  # the schema requires tiers for executors
+        executors = executor_deployment(config, pooled, checkpoints, placement)
     router = _versioned(
         RouterDeployment.options(
             name=ROUTER_NAME,
@@ -156,7 +167,42 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     # Versioned like the others, so an apply that changes nothing it depends on keeps
     # its streams; the key enters the version only as its fingerprint.
     version_parts = (as_dict, key_fingerprint(api_key), placement is not None)
-    return _versioned(ingress, *version_parts).bind(as_dict, router, experts, placement, api_key)
+    return _versioned(ingress, *version_parts).bind(
+        as_dict, router, experts, placement, api_key, executors, [e.name for e in pooled]
+    )
+
+
+def executor_deployment(
+    config: CoEConfig,
+    pooled: list[ExpertSettings],
+    checkpoints: dict[str, Path],
+    placement: Application,
+) -> Application:
+    """The executor pool: one deployment serving every pooled expert (multiplexed)."""
+    settings = config.executors
+    if settings.max_replicas is not None and settings.max_replicas > settings.replicas:
+        scaling: dict[str, Any] = {
+            "autoscaling_config": {
+                "min_replicas": settings.replicas,
+                "max_replicas": settings.max_replicas,
+                "target_ongoing_requests": settings.target_ongoing_requests,
+            }
+        }
+    else:
+        scaling = {"num_replicas": settings.replicas}
+    deployment = ExecutorDeployment.options(
+        name=EXECUTOR_NAME,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        ray_actor_options={"num_cpus": settings.num_cpus},
+        **scaling,
+    )
+    arguments = (
+        [e.model_dump(mode="json") for e in pooled],
+        {e.name: str(checkpoints[e.name]) for e in pooled},
+    )
+    k = settings.max_experts_per_replica
+    return _versioned(deployment, *arguments, k).bind(*arguments, placement, k)
 
 
 class BuilderArgs(BaseModel):

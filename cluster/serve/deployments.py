@@ -1,4 +1,4 @@
-"""The Ray Serve deployments: experts, the router, the placement service and the ingress.
+"""The Ray Serve deployments: experts, executors, the router, the placement service and the ingress.
 
 Each replica class wraps a plain class from `actors/`, `router/` or
 `cluster/ingress/service.py` and only adds what Serve needs (handles, threads for blocking
@@ -14,14 +14,18 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Deployment
 
-from cluster.serve.expert_replica import PLACEMENT_RETRY_S, ExpertReplica
+from cluster.serve.executor_replica import ExecutorReplica
+from cluster.serve.expert_replica import ExpertReplica
 from cluster.serve.handle_backend import HandleBackend
 from cluster.serve.ingress_replica import IngressReplica
+from cluster.serve.placement_client import PLACEMENT_RETRY_S
 from cluster.serve.placement_replica import PlacementReplica
 from cluster.serve.router_replica import RouterReplica
 
 __all__ = [
     "PLACEMENT_RETRY_S",
+    "ExecutorDeployment",
+    "ExecutorReplica",
     "ExpertDeployment",
     "ExpertReplica",
     "HandleBackend",
@@ -34,6 +38,7 @@ __all__ = [
 ]
 
 ExpertDeployment: Deployment = serve.deployment()(ExpertReplica)
+ExecutorDeployment: Deployment = serve.deployment()(ExecutorReplica)
 RouterDeployment: Deployment = serve.deployment()(RouterReplica)
 PlacementDeployment: Deployment = serve.deployment()(PlacementReplica)
 IngressDeployment: Deployment = serve.deployment()(serve.ingress()(IngressReplica))

@@ -42,8 +42,16 @@ class IngressReplica(GrpcIngressMixin):
         experts: dict[str, DeploymentHandle],
         placement: DeploymentHandle | None = None,
         api_key: str | None = None,
+        executors: DeploymentHandle | None = None,
+        executor_experts: list[str] | None = None,
     ) -> None:
         settings = parse_config(config)
+        experts = dict(experts)
+        if executors is not None:
+            # A pooled expert is the executor pool with the expert as the multiplexed
+            # model id: Serve sends it to an executor that already holds that expert.
+            for name in executor_experts or []:
+                experts[name] = executors.options(multiplexed_model_id=name)
         backend = HandleBackend(router, experts, placement, settings.serve.retry_after_s)
         self.observer = ServeRequestMetrics()
         self.service = CoEService(settings.serve, backend, observer=self.observer)

@@ -34,7 +34,7 @@ def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> Non
     assert ingress.name == "ingress"
     # Requests waiting on a slow expert must not stall the ingress for everyone else.
     assert ingress.max_ongoing_requests >= 1000
-    _config, router, experts, placement, _key = ingress.init_args
+    _config, router, experts, placement, _key, _executors, _pooled = ingress.init_args
     assert bound(placement).name == "placement"  # the demo serves through the tiers
     assert bound(router).name == "router"
     assert sorted(experts) == sorted(e.name for e in config.experts)
@@ -58,7 +58,7 @@ def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> No
     data["tiers"] = {"enabled": True, "hbm_budget_bytes": 2_000_000_000, "eviction": "lfu"}
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-    _config, _router, experts, placement, _key = ingress.init_args
+    _config, _router, experts, placement, _key, _executors, _pooled = ingress.init_args
     assert bound(placement).name == "placement"
     assert bound(placement).max_ongoing_requests >= 1000
     for expert in experts.values():
@@ -83,7 +83,7 @@ def test_the_api_key_reaches_only_the_ingress(
     data["serve"] = {**data.get("serve", {}), "api_key": "s3cret-key"}
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-    as_dict, router, _experts, placement, key = ingress.init_args
+    as_dict, router, _experts, placement, key, _executors, _pooled = ingress.init_args
     assert key == "s3cret-key"
     # Neither the ingress's config nor the router's or placement's user_config holds it.
     assert "api_key" not in as_dict["serve"]
@@ -124,7 +124,7 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
     def versions(data: dict[str, Any]) -> dict[str, str]:
         config = parse_config(data)
         ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-        _config, router, experts, placement, _key = ingress.init_args
+        _config, router, experts, placement, _key, _executors, _pooled = ingress.init_args
         found = {name: bound(expert).version for name, expert in experts.items()}
         found["router"] = bound(router).version
         found["placement"] = bound(placement).version

@@ -77,6 +77,7 @@ def forbidden_among(added: list[str], forbidden: tuple[str, ...]) -> list[str]:
         ("cluster.serve.ingress_replica", INGRESS_FORBIDDEN),
         ("cluster.serve.handle_backend", INGRESS_FORBIDDEN),
         ("cluster.serve.expert_replica", EXPERT_FORBIDDEN),
+        ("cluster.serve.executor_replica", EXPERT_FORBIDDEN),
     ],
 )
 def test_replica_module_imports_nothing_its_replica_does_not_need(
@@ -118,6 +119,8 @@ def test_each_deployment_runs_the_class_of_its_lean_module() -> None:
     from cluster.serve import deployments
 
     assert deployments.ExpertDeployment.func_or_class.__module__ == "cluster.serve.expert_replica"
+    executor = deployments.ExecutorDeployment.func_or_class
+    assert executor.__module__ == "cluster.serve.executor_replica"
     assert deployments.RouterDeployment.func_or_class.__module__ == "cluster.serve.router_replica"
     assert (
         deployments.PlacementDeployment.func_or_class.__module__

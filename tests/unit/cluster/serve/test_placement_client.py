@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from actors.engines.base import BatchJob, ChatMessage, GenerationRequest, StreamChunk
-from cluster.serve.expert_replica import end_jobs_at_expiry
+from cluster.serve.placement_client import end_jobs_at_expiry
 from memory_tiers.arena import Region
 from memory_tiers.errors import GrantExpired
 from memory_tiers.grants import Grant

@@ -1,0 +1,111 @@
+"""What an expert or executor replica calls on the placement service, and how.
+
+Both replica kinds take grants the same way: as a named holder (so the service can take
+a grant back from a replica that dies or hangs), riding out a placement restart, and
+ending a batch's jobs at the grant's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from actors.engines.base import BatchJob
+from memory_tiers.arena import DeviceArena
+from memory_tiers.arena_files import remove_unused
+from memory_tiers.errors import GrantExpired
+from memory_tiers.grants import Grant
+
+logger = logging.getLogger("ray.serve")
+# How long a replica keeps retrying while the placement service restarts.
+PLACEMENT_RETRY_S = 120.0
+
+
+def end_jobs_at_expiry(
+    grant: Grant, jobs: Sequence[BatchJob], expert: str
+) -> asyncio.TimerHandle | None:
+    """At `grant`'s deadline, end every job of its batch not finished by then.
+
+    The placement service takes the grant back at that moment and may copy another
+    expert over its bytes, so nothing computed after it may reach a client: each job
+    is cancelled (a stream stops at its next token) and ends with `GrantExpired`.
+    Every request of the batch arrived before the grant, so each has already outlived
+    the request timeout by then. Returns the timer (cancel it when the batch ends), or
+    None for a grant without a deadline.
+    """
+    if grant.expires_at is None:
+        return None
+
+    def expire() -> None:
+        error = GrantExpired(
+            f"expert {expert!r}: the request outlived its grant (lease "
+            f"{grant.lease.lease_id}), which was taken back at the request deadline"
+        )
+        for job in jobs:
+            if not job.ended:
+                job.cancellation.cancel()
+                job.emit(error)
+
+    delay = max(0.0, grant.expires_at - time.time())
+    return asyncio.get_running_loop().call_later(delay, expire)
+
+
+def detach_arena(arena: DeviceArena) -> None:
+    """Unmap a replica's view of the arena when Serve stops the replica, and remove the
+    file when no other process maps it (the whole application is being deleted)."""
+    arena.close()
+    if arena.path is not None:
+        remove_unused(arena.path)
+
+
+class PlacementClient:
+    """The placement service as one replica sees it: calls retried across its restart."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        import ray
+
+        self.handle = handle
+        context = ray.get_runtime_context()
+        # Who holds this replica's grants: the placement service takes them back if
+        # this replica's actor dies (or hangs past a grant's deadline) while holding one.
+        self.holder: tuple[str, Any] = (context.get_actor_id() or "", context.current_actor)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call the placement service, riding out its restart (Serve replaces it)."""
+        deadline = time.monotonic() + PLACEMENT_RETRY_S
+        while True:
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def acquire(self, expert: str) -> Grant:
+        grant: Grant = await self.call("acquire", expert, *self.holder)
+        return grant
+
+    async def give_back(self, grant: Grant) -> None:
+        if not await self.call("release", grant):
+            # Taken back at its deadline while this replica was slow or stopped; the
+            # next grant says whether the bytes moved (then they are rebound).
+            logger.warning(
+                "expert %s: its grant (lease %d) had been taken back before it ended",
+                grant.lease.expert,
+                grant.lease.lease_id,
+            )
+
+    async def report(self, report: Any, incarnation: str) -> None:
+        """One residency report; a restarting service misses it (the next one counts)."""
+        try:
+            await self.handle.report.remote(report, incarnation)
+        except RayActorError:
+            pass
+        except Exception as error:  # keep reporting, but let the failure be seen
+            logger.warning("residency report for %s failed: %s", report.expert, error)

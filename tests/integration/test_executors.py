@@ -1,0 +1,171 @@
+"""Thirty experts served through two executors: every answer equals the expert's own
+fully resident answer, and the process count does not grow with the experts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.engines.base import ChatMessage, GenerationRequest
+from actors.engines.transformers_engine import TransformersEngine
+from actors.expert_server import ExpertServer
+from actors.weights.synthetic import build_tiny_expert
+from cluster.config import CoEConfig, parse_config
+from memory_tiers.packing import checkpoint_nbytes
+from tests.integration.conftest import RunningCluster
+from tests.integration.test_tiers import body, demo_tokenizer_dir
+
+pytestmark = pytest.mark.integration
+
+APP = "executors-test"
+EXPERTS = [f"pooled-{i:02d}" for i in range(30)]
+DEDICATED = "pooled-00"  # one expert keeps a deployment of its own beside the pool
+PROMPTS = ["Hello there", "What is two plus two?"]
+ROUNDS = 2
+
+
+def system_prompt(index: int) -> str:
+    return f"You are expert number {index}. Answer briefly."
+
+
+def executor_config(checkpoints: dict[str, Path], budget: int, arena_dir: Path) -> CoEConfig:
+    return parse_config(
+        {
+            "experts": [
+                {
+                    "name": name,
+                    "checkpoint": str(checkpoints[name]),
+                    "params_b": 0.006,
+                    "system_prompt": system_prompt(index),
+                    "dedicated": name == DEDICATED,
+                    "ray_actor_options": {"num_cpus": 0},
+                }
+                for index, name in enumerate(EXPERTS)
+            ],
+            "categories": [{"name": "general", "examples": ["Hello"]}],
+            "category_map": {"general": EXPERTS[1]},
+            "generalist": EXPERTS[1],
+            "tiers": {
+                "enabled": True,
+                "hbm_budget_bytes": budget,
+                "active_slots": 2,
+                "arena_dir": str(arena_dir),
+            },
+            "executors": {
+                "enabled": True,
+                "replicas": 2,
+                "max_experts_per_replica": 8,  # fewer than the experts: contexts are evicted
+                "num_cpus": 0,
+            },
+            "serve": {"app_name": APP},
+        },
+        "executors-test",
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(
+    demo_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    tokenizer = demo_tokenizer_dir()
+    root = tmp_path_factory.mktemp("pooled-experts")
+    return {
+        name: build_tiny_expert(root / name, seed, tokenizer) for seed, name in enumerate(EXPERTS)
+    }
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints: dict[str, Path]) -> dict[tuple[str, str], str]:
+    answers = {}
+    for index, name in enumerate(EXPERTS):
+        engine = TransformersEngine(name, checkpoints[name])
+        server = ExpertServer(name, engine, system_prompt(index))
+        for prompt in PROMPTS:
+            request = GenerationRequest(
+                messages=(ChatMessage(role="user", content=prompt),), max_tokens=6
+            )
+            answers[(name, prompt)] = server.generate(request).text
+        server.close()
+    return answers
+
+
+@pytest.fixture(scope="module")
+def pooled(
+    cluster: RunningCluster,
+    checkpoints: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    size = checkpoint_nbytes(checkpoints[EXPERTS[0]], "float32")
+    budget = int(size * 4.5)  # four of thirty experts resident at a time
+    arena_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path_factory.mktemp("arena")
+    config = executor_config(checkpoints, budget, arena_dir)
+    handle = serve.run(build_app(config, checkpoints), name=APP, route_prefix=f"/{APP}")
+    try:
+        yield {"handle": handle, "config": config}
+    finally:
+        serve.delete(APP)
+        from cluster.serve.lifecycle import remove_arena
+
+        remove_arena(config)
+
+
+def test_thirty_experts_through_two_executors_answer_as_if_alone(
+    pooled: dict[str, Any], references: dict[tuple[str, str], str]
+) -> None:
+    from ray import serve
+
+    handle = pooled["handle"]
+    # Requests in flight together, in an order that revisits experts after the arena
+    # and the executors' expert caches have moved on.
+    order = [(name, PROMPTS[(i + r) % 2]) for r in range(ROUNDS) for i, name in enumerate(EXPERTS)]
+    for start in range(0, len(order), 6):
+        wave = order[start : start + 6]
+        responses = [handle.chat.remote(body(name, prompt)) for name, prompt in wave]
+        for (name, prompt), response in zip(wave, responses, strict=True):
+            answer = response.result(timeout_s=120)
+            assert answer["coe"]["expert"] == name
+            assert answer["choices"][0]["message"]["content"] == references[(name, prompt)], (
+                f"{name} answered {prompt!r} differently from its fully resident copy"
+            )
+
+    deployments = serve.status().applications[APP].deployments
+    assert sorted(deployments) == sorted(
+        ["ingress", "router", "placement", "executors", f"expert-{DEDICATED}"]
+    )
+    executors = serve.get_deployment_handle("executors", app_name=APP)
+    infos = {}
+    for _ in range(40):  # requests reach replicas at random: ask until both answered
+        info = executors.info.remote().result()
+        infos[info["pid"]] = info
+        if len(infos) == 2:
+            break
+    assert len(infos) == 2
+    served = sum(sum(info["requests"].values()) for info in infos.values())
+    assert served == (len(EXPERTS) - 1) * ROUNDS  # all but the dedicated expert
+    assert all(info["skeletons"] == 1 for info in infos.values())  # one architecture
+    placement = serve.get_deployment_handle("placement", app_name=APP)
+    metrics = placement.metrics.remote().result()["devices"]["host0"]
+    assert metrics["switches"] >= len(EXPERTS)  # far more experts than the arena holds
+    assert metrics["used_bytes"] <= pooled["config"].tiers.hbm_budget_bytes
+
+
+def test_a_stream_through_an_executor(
+    pooled: dict[str, Any], references: dict[tuple[str, str], str]
+) -> None:
+    handle = pooled["handle"].options(stream=True)
+    expert, prompt = EXPERTS[17], PROMPTS[1]
+    chunks = list(handle.chat_stream.remote({**body(expert, prompt), "stream": True}))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == references[(expert, prompt)]
+
+
+def test_models_lists_pooled_experts_by_name(pooled: dict[str, Any]) -> None:
+    listed = {m["id"] for m in pooled["handle"].models.remote().result()["data"]}
+    assert set(EXPERTS) <= listed
