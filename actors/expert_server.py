@@ -77,8 +77,10 @@ class ExpertServer:
         system = ChatMessage(role="system", content=self.system_prompt)
         return replace(request, messages=(system, *request.messages))
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        return self.engine.generate(self._with_instructions(request))
+    def generate(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> GenerationResult:
+        return self.engine.generate(self._with_instructions(request), cancellation)
 
     def stream(
         self, request: GenerationRequest, cancellation: Cancellation | None = None
@@ -87,18 +89,22 @@ class ExpertServer:
 
     def run_batch(self, jobs: Sequence[BatchJob]) -> None:
         """Answer a batch (blocking; call it on a worker thread). Several jobs decode as
-        one batch when the engine can (`stream_batch`), else one after another."""
+        one batch when the engine can (`stream_batch`), else one after another; there a
+        job that fails ends with its own error and the next one still runs."""
         prepared = [replace(job, request=self._with_instructions(job.request)) for job in jobs]
         stream_batch = getattr(self.engine, "stream_batch", None)
         if len(prepared) > 1 and stream_batch is not None:
             stream_batch(prepared)
             return
         for job in prepared:
-            self._run_alone(job)
+            try:
+                self._run_alone(job)
+            except Exception as error:
+                job.emit(error)
 
     def _run_alone(self, job: BatchJob) -> None:
         if not job.stream:
-            result = self.engine.generate(job.request)
+            result = self.engine.generate(job.request, job.cancellation)
             job.emit(
                 StreamChunk(
                     text=result.text,

@@ -337,6 +337,12 @@ class ServeSettings(StrictModel):
     max_prompt_chars: int = Field(
         8000, ge=1, description="Longest conversation (characters of all messages) accepted."
     )
+    max_stop_chars: int = Field(
+        200,
+        ge=1,
+        description="Longest stop string accepted (characters); each of a request's up to "
+        "4 stops is checked against the generated text at every token.",
+    )
     max_tokens_limit: int = Field(
         512, ge=1, description="Largest max_tokens a request may ask for."
     )

@@ -84,7 +84,8 @@ class StreamChunk:
 
 @dataclass
 class Cancellation:
-    """Set by the caller when nobody wants the rest of a stream (client went away)."""
+    """Set by the caller when nobody wants the rest of an answer (the client went away
+    or its deadline passed); the engine stops at the next token."""
 
     event: threading.Event = field(default_factory=threading.Event)
 
@@ -101,7 +102,11 @@ class Engine(Protocol):
 
     name: str
 
-    def generate(self, request: GenerationRequest) -> GenerationResult: ...
+    def generate(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> GenerationResult:
+        """The whole answer; a `cancellation` set meanwhile may end it early."""
+        ...
 
     def stream(
         self, request: GenerationRequest, cancellation: Cancellation | None = None

@@ -16,25 +16,24 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from actors.engines.base import BatchJob, FinishReason, GenerationRequest, StreamChunk
+from actors.engines.stop_matching import IncrementalText
 from actors.engines.text import StopTrimmer
 
 
 class _Row:
     """One request's tokens and the text already handed out, decoded incrementally."""
 
-    def __init__(self, job: BatchJob, stops: tuple[str, ...], prompt_tokens: int) -> None:
+    def __init__(
+        self, job: BatchJob, stops: tuple[str, ...], prompt_tokens: int, tokenizer: Any
+    ) -> None:
         self.job = job
         self.trimmer = StopTrimmer(stops)
         self.prompt_tokens = prompt_tokens
         self.tokens: list[int] = []
+        self.text = IncrementalText(tokenizer)
         self.held = ""  # a non-streamed answer's text, sent whole at the end
         self.done = False
         self.ended_by_eos = False
-        # Incremental detokenisation: decode a short window of recent tokens and hand
-        # out only what it adds, so a multi-byte character split over tokens is never
-        # emitted half-made and decoding stays linear in the answer's length.
-        self.prefix_offset = 0
-        self.read_offset = 0
 
     @property
     def finish_reason(self) -> FinishReason:
@@ -57,7 +56,7 @@ class BatchRows(StoppingCriteria, BaseStreamer):
         rule for the answers it generates alone)."""
         self.tokenizer = tokenizer
         self.answer_text = answer_text or (lambda text, _request: text)
-        self.rows = [_Row(job, stops, prompt_tokens) for job, stops, prompt_tokens in rows]
+        self.rows = [_Row(job, stops, prompt, tokenizer) for job, stops, prompt in rows]
         self.eos_ids = eos_ids
         self._prompt_seen = False
 
@@ -80,7 +79,7 @@ class BatchRows(StoppingCriteria, BaseStreamer):
             row.ended_by_eos = True
             row.done = True
             return
-        text = row.trimmer.feed(self._new_text(row))
+        text = row.trimmer.feed(row.text.push(token))
         if not row.job.stream:
             row.held += text
         elif text:
@@ -91,15 +90,6 @@ class BatchRows(StoppingCriteria, BaseStreamer):
             or row.job.cancellation.cancelled
         ):
             row.done = True
-
-    def _new_text(self, row: _Row) -> str:
-        decode = self.tokenizer.decode
-        seen = decode(row.tokens[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-        grown = decode(row.tokens[row.prefix_offset :], skip_special_tokens=True)
-        if len(grown) <= len(seen) or grown.endswith("\ufffd"):
-            return ""
-        row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
-        return grown[len(seen) :]
 
     # -- stopping criteria --------------------------------------------------------
 

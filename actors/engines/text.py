@@ -18,6 +18,19 @@ def plain_transcript(messages: tuple[ChatMessage, ...]) -> str:
     return "\n".join(parts)
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate ("\\ud800"), if anywhere.
+
+    JSON escapes and Python strings allow them, but they are not Unicode text: no
+    tokenizer encodes one and no decoded text contains one.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
 def trim_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """Cut `text` at the earliest stop string; say whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)

@@ -21,7 +21,6 @@ from transformers import (
     AutoTokenizer,
     StoppingCriteria,
     StoppingCriteriaList,
-    StopStringCriteria,
     TextIteratorStreamer,
 )
 
@@ -36,6 +35,7 @@ from actors.engines.base import (
     batch_key,
 )
 from actors.engines.batch_rows import BatchRows
+from actors.engines.stop_matching import StopStrings, matchable
 from actors.engines.text import StopTrimmer, plain_transcript, trim_at_stop
 from actors.weights.checkpoint import validate_checkpoint
 
@@ -161,21 +161,21 @@ class TransformersEngine:
         kwargs["max_new_tokens"] = request.max_tokens
         kwargs["pad_token_id"] = self.pad_token_id
         kwargs.update(self._sampling_kwargs(request))
-        kwargs["stopping_criteria"] = StoppingCriteriaList(self._stop_criteria(request))
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        criteria = self._stop_criteria(request, prompt_tokens)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         return kwargs
 
-    def _stop_criteria(self, request: GenerationRequest) -> list[StoppingCriteria]:
-        """transformers' token-level stop on the request's stop strings, when it can
-        index them. It cannot when no token ends in a stop string's characters (it raises
-        ValueError); the text is still cut at the stop, generation just runs on to the
-        token budget instead of ending there."""
-        stops = self._stops(request)
+    def _stop_criteria(
+        self, request: GenerationRequest, prompt_tokens: int | None = None
+    ) -> list[StoppingCriteria]:
+        """End generation at the request's stop strings (the text is cut at the stop
+        either way; this frees the slot there instead of at the token budget). A stop no
+        decoded text can contain (a lone surrogate) is left out."""
+        stops = matchable(self._stops(request))
         if not stops:
             return []
-        try:
-            return [StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stops))]
-        except ValueError:
-            return []
+        return [StopStrings(self.tokenizer, stops, prompt_tokens)]
 
     def answer_text(self, text: str, request: GenerationRequest) -> str:
         """A whole (non-streamed) answer as returned: a base model continues
@@ -193,12 +193,19 @@ class TransformersEngine:
 
     # -- generation ---------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> GenerationResult:
+        """The whole answer; a `cancellation` set meanwhile ends it at the next token
+        (a timed-out or abandoned request must not hold the slot to its budget)."""
         inputs = self.encode_request(request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        kwargs = self._generate_kwargs(request, inputs)
+        if cancellation is not None:
+            kwargs["stopping_criteria"].append(_Cancelled(cancellation))
         with self._slot, torch.inference_mode():
             self._seed(request)
-            output = self.model.generate(**self._generate_kwargs(request, inputs))
+            output = self.model.generate(**kwargs)
         new_ids = output[0][prompt_tokens:]
         raw: str = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         text, stopped = trim_at_stop(raw, self._stops(request))
@@ -266,15 +273,16 @@ class TransformersEngine:
         budget, stop strings and cancellation; every job's chunks go to its `emit`.
 
         The jobs must share a batch key (`actors.batching.batch_key`): one sampling
-        setting for the whole batch, and no seeded sampling.
+        setting for the whole batch, and no seeded sampling. A job whose prompt cannot
+        be encoded ends with its own error; the others decode without it.
         """
-        if not jobs:
-            return
-        first = jobs[0].request
         keys = {batch_key(job.request) for job in jobs}
         if len(jobs) > 1 and (None in keys or len(keys) > 1):
             raise ValueError("a batch needs one sampling setting and no seeded sampling")
-        prompts = [self.encode_request(job.request)["input_ids"][0] for job in jobs]
+        jobs, prompts = self._encode_rows(jobs)
+        if not jobs:
+            return
+        first = jobs[0].request
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(jobs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -304,6 +312,20 @@ class TransformersEngine:
             self._seed(first)
             self.model.generate(**kwargs)
         rows.finish()
+
+    def _encode_rows(self, jobs: Sequence[BatchJob]) -> tuple[list[BatchJob], list[torch.Tensor]]:
+        """Each job's prompt ids; a job that fails to encode gets its error now and is
+        left out, so one bad request fails only itself."""
+        kept: list[BatchJob] = []
+        prompts: list[torch.Tensor] = []
+        for job in jobs:
+            try:
+                prompts.append(self.encode_request(job.request)["input_ids"][0])
+            except Exception as error:
+                job.emit(error)
+                continue
+            kept.append(job)
+        return kept, prompts
 
     def _eos_ids(self) -> frozenset[int]:
         configured = getattr(self.model.generation_config, "eos_token_id", None)

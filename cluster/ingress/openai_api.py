@@ -8,11 +8,13 @@ and which of them are refused, are in `cluster/ingress/request_fields.py`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
 from actors.engines.base import ChatMessage, GenerationRequest
+from actors.engines.text import lone_surrogate_at
 from cluster.config import ServeSettings
 from cluster.ingress.api_errors import (
     InvalidRequest,
@@ -59,7 +61,9 @@ class _Generation(SamplingFields):
 
     model: str = Field(min_length=1, description="'coe' to route, or an expert's name.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 stop strings, each within the server's max_stop_chars."
+    )
     stream: bool = Field(False, description="Server-sent events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = None
 
@@ -105,6 +109,10 @@ class ChatCompletionRequest(_Generation):
     def routing_text(self) -> str:
         """The text the router classifies: the latest user turn."""
         return next(m.text() for m in reversed(self.messages) if m.role == "user")
+
+
+def _message_texts(messages: list[MessageIn]) -> list[tuple[str, str]]:
+    return [(f"messages.{i}.content", m.text()) for i, m in enumerate(messages)]
 
 
 class CompletionRequest(_Generation):
@@ -163,6 +171,13 @@ class RouteRequest(StrictModel):
         assert self.messages is not None
         return next(m.text() for m in reversed(self.messages) if m.role == "user")
 
+    def texts(self) -> list[tuple[str, str]]:
+        """Every text the router may read, each with the field it came from."""
+        if self.prompt is not None:
+            return [("prompt", self.prompt)]
+        assert self.messages is not None
+        return _message_texts(self.messages)
+
 
 AnyCompletionRequest = ChatCompletionRequest | CompletionRequest
 
@@ -176,6 +191,29 @@ def parse_request(model: type[StrictModel], body: Any) -> Any:
     except ValidationError as error:
         message, param = describe_validation_errors(error.errors())
         raise InvalidRequest(message, param=param) from None
+
+
+def refuse_lone_surrogates(texts: Iterable[tuple[str, str]]) -> None:
+    """400 for a text holding a lone surrogate: JSON and pydantic let one through, but no
+    tokenizer encodes it, and in a batch that failure would take the others with it."""
+    for param, text in texts:
+        at = lone_surrogate_at(text)
+        if at is not None:
+            raise InvalidRequest(
+                f"{param} holds a lone surrogate (U+{ord(text[at]):04X}) at character {at}; "
+                "text must be valid Unicode",
+                param=param,
+            )
+
+
+def _check_stops(stops: list[str], limits: ServeSettings) -> None:
+    """Each stop is matched against the generated text at every token: bound its length."""
+    for stop in stops:
+        if len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(
+                f"a stop string has {len(stop)} characters; the limit is {limits.max_stop_chars}",
+                param="stop",
+            )
 
 
 def _max_tokens(request: AnyCompletionRequest, limits: ServeSettings) -> int:
@@ -207,20 +245,25 @@ def to_generation_request(
     if isinstance(request, CompletionRequest):
         prompt = request.prompt_text()
         chars, what, param = len(prompt), "the prompt", "prompt"
+        texts = [("prompt", prompt)]
     else:
         messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in request.messages)
         chars, what, param = sum(len(m.content) for m in messages), "the conversation", "messages"
+        texts = _message_texts(request.messages)
     if chars > limits.max_prompt_chars:
         raise PromptTooLong(
             f"{what} has {chars} characters; the limit is {limits.max_prompt_chars}",
             param=param,
         )
+    stops = request.stop_list()
+    _check_stops(stops, limits)
+    refuse_lone_surrogates([*texts, *(("stop", stop) for stop in stops)])
     max_tokens = _max_tokens(request, limits)
     refuse_unsupported(request)
     return GenerationRequest(
         messages=messages,
         prompt=prompt,
         max_tokens=max_tokens,
-        stop=tuple(request.stop_list()),
+        stop=tuple(stops),
         **engine_settings(request),
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -32,11 +33,13 @@ from cluster.ingress.api_errors import (
     RequestTimedOut,
 )
 from cluster.ingress.openai_api import (
+    MAX_STOPS,
     AnyCompletionRequest,
     ChatCompletionRequest,
     CompletionRequest,
     RouteRequest,
     parse_request,
+    refuse_lone_surrogates,
     to_generation_request,
 )
 from cluster.ingress.shapes import CHAT, TEXT, Shape, models_body, routing_headers, usage_body
@@ -137,8 +140,10 @@ def status_of(error: BaseException) -> int:
 
 
 def max_body_bytes(limits: ServeSettings) -> int:
-    """The largest JSON body a request within `max_prompt_chars` can need."""
-    return limits.max_prompt_chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
+    """The largest JSON body a request within `max_prompt_chars` and `max_stop_chars`
+    can need."""
+    chars = limits.max_prompt_chars + MAX_STOPS * limits.max_stop_chars
+    return chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
 
 
 def _expert_failed(expert: str, error: Exception) -> ExpertFailed:
@@ -279,6 +284,14 @@ class CoEService:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InvalidRequest(f"request body is not valid JSON: {error}") from None
+        except RecursionError:
+            # Python's parser recurses per nesting level; no request nests this deep.
+            raise InvalidRequest("request body nests too deeply") from None
+        except ValueError:
+            # The only other ValueError: an integer longer than Python will convert.
+            raise InvalidRequest(
+                f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits"
+            ) from None
 
     async def route(self, body: Any) -> dict[str, Any]:
         request: RouteRequest = parse_request(RouteRequest, self.decode(body))
@@ -289,6 +302,7 @@ class CoEService:
                 f"the limit is {self.limits.max_prompt_chars}",
                 param="prompt" if request.prompt is not None else "messages",
             )
+        refuse_lone_surrogates(request.texts())
         decision = await self.backend.route(text)
         return decision.to_dict()
 

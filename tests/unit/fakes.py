@@ -107,7 +107,9 @@ class EchoEngine:
     def __init__(self) -> None:
         self.requests: list[GenerationRequest] = []
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, cancellation: Cancellation | None = None
+    ) -> GenerationResult:
         self.requests.append(request)
         text = " | ".join(f"{m.role}:{m.content}" for m in request.messages)
         return GenerationResult(text, prompt_tokens=1, completion_tokens=1, finish_reason="stop")
