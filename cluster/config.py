@@ -99,6 +99,18 @@ class ActorOptions(StrictModel):
     memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
 
 
+# An expert's settings that configure its own deployment, which a pooled expert lacks.
+DEDICATED_ONLY = frozenset(
+    {
+        "autoscaling",
+        "ray_actor_options",
+        "max_ongoing_requests",
+        "max_queued_requests",
+        "start_attempts",
+    }
+)
+
+
 class ExpertSettings(StrictModel):
     """One expert LLM, served as its own Ray Serve deployment."""
 
@@ -158,6 +170,16 @@ class ExpertSettings(StrictModel):
         "(its autoscaling, max_ongoing_requests and ray_actor_options apply to it) instead "
         "of running it on the executor pool. Without executors every expert is dedicated.",
     )
+
+    def deployment_settings_set(self) -> list[str]:
+        """The settings of its own deployment this expert sets to other than the default
+        (compared by value, so a config that went through a dump and back still passes)."""
+        fields = type(self).model_fields
+        return sorted(
+            name
+            for name in DEDICATED_ONLY
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+        )
 
     @model_validator(mode="after")
     def _valid(self) -> ExpertSettings:
@@ -299,6 +321,11 @@ class ExecutorSettings(StrictModel):
         ge=1,
         description="Experts an executor keeps ready (tokenizer, engine, batcher; not weights): "
         "Serve's max_num_models_per_replica. Evicting one costs only rebuilding that state.",
+    )
+    preload: bool = Field(
+        True,
+        description="Make the first max_experts_per_replica pooled experts runnable when an "
+        "executor starts, so their first requests skip that step.",
     )
     max_ongoing_requests: int = Field(
         32, ge=1, description="Requests one executor accepts at once, all experts together."
@@ -452,6 +479,15 @@ class CoEConfig(StrictModel):
                 raise ValueError(f"tiers.pinned names unknown expert {pinned!r}")
         if self.executors.enabled and not self.tiers.enabled:
             raise ValueError("executors.enabled needs tiers.enabled: executors bind tier bytes")
+        for pooled in self.executor_experts():
+            # Settings of a deployment the expert does not have would be silently ignored.
+            own = pooled.deployment_settings_set()
+            if own:
+                raise ValueError(
+                    f"expert {pooled.name!r} runs on the executor pool, where {own} do not "
+                    "apply (the pool has its own, under executors); set dedicated: true to "
+                    "give it a deployment of its own"
+                )
         return self
 
     def executor_experts(self) -> list[ExpertSettings]:

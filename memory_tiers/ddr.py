@@ -36,6 +36,11 @@ class ObjectStore(Protocol):
 
     def free(self, ref: Any) -> None: ...
 
+    def spilled(self, ref: Any) -> bool:
+        """Whether the object now lives only on disk (spilled when the store was full):
+        the next ``get`` restores it, at disk speed. The fourth tier, below DDR."""
+        ...
+
 
 @dataclass(frozen=True)
 class InProcessRef:
@@ -45,11 +50,13 @@ class InProcessRef:
 class InProcessObjectStore:
     """An object store inside this process: a dict of read-only arrays.
 
-    ``lose`` drops an object as the real store would on eviction or node death.
+    ``lose`` drops an object as the real store would on eviction or node death;
+    ``spill`` marks one as spilled to disk, which its next ``get`` restores.
     """
 
     def __init__(self) -> None:
         self._objects: dict[int, np.ndarray] = {}
+        self._spilled: set[int] = set()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -66,9 +73,18 @@ class InProcessObjectStore:
             raise TypeError(f"not a reference of this store: {ref!r}")
         with self._lock:
             stored = self._objects.get(ref.object_id)
+            self._spilled.discard(ref.object_id)
         if stored is None:
             raise ObjectLost(f"object {ref.object_id} is not in the in-process store")
         return stored
+
+    def spilled(self, ref: Any) -> bool:
+        return isinstance(ref, InProcessRef) and ref.object_id in self._spilled
+
+    def spill(self, ref: InProcessRef) -> None:
+        with self._lock:
+            if ref.object_id in self._objects:
+                self._spilled.add(ref.object_id)
 
     def free(self, ref: Any) -> None:
         if isinstance(ref, InProcessRef):
@@ -153,6 +169,8 @@ class DDRStore:
         self._rebuild_locks: dict[str, threading.Lock] = {}
         self.rebuilds = 0
         self.rebuild_seconds = 0.0
+        self.restores = 0  # gets that brought a spilled object back from disk
+        self.restore_seconds = 0.0
 
     def register(self, expert: str, source: ExpertSource, packed: Packed | None = None) -> DDREntry:
         """Pack (unless ``packed`` is given) and store ``expert``; replaces an older entry."""
@@ -199,11 +217,25 @@ class DDRStore:
 
     def get(self, expert: str) -> Packed:
         """The expert's read-only buffer and index; rebuilt from its source if lost."""
+        buffer, index, _ = self.fetch(expert)
+        return buffer, index
+
+    def fetch(self, expert: str) -> tuple[np.ndarray, TensorIndex, bool]:
+        """``get``, and whether the buffer had to be restored from disk (spilled)."""
         entry = self.entry(expert)
+        spilled = self.store.spilled(entry.ref)
+        started = time.perf_counter()
         try:
-            return self.store.get(entry.ref), entry.index
+            buffer = self.store.get(entry.ref)
         except ObjectLost:
-            pass
+            return (*self._get_lost(expert, entry), False)
+        if spilled:
+            with self._lock:
+                self.restores += 1
+                self.restore_seconds += time.perf_counter() - started
+        return buffer, entry.index, spilled
+
+    def _get_lost(self, expert: str, entry: DDREntry) -> Packed:
         with self._rebuild_locks[expert]:
             # Another thread may have rebuilt it while this one waited.
             current = self.entry(expert)
@@ -238,6 +270,8 @@ class DDRStore:
                 "bytes": float(sum(e.nbytes for e in self._entries.values())),
                 "rebuilds": float(self.rebuilds),
                 "rebuild_seconds": self.rebuild_seconds,
+                "restores": float(self.restores),
+                "restore_seconds": self.restore_seconds,
             }
 
 

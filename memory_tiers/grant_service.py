@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from memory_tiers.arena import Region
-from memory_tiers.ddr import ExpertSource, ObjectStore
+from memory_tiers.ddr import ExpertSource, ObjectStore, Packed
 from memory_tiers.errors import ArenaError, ExpertUnavailable, TierError
 from memory_tiers.grants import Grant, GrantLedger
 from memory_tiers.hbm import Lease
@@ -111,14 +111,24 @@ class GrantService:
         """Whether `expert` is packed into DDR (an unavailable one is not)."""
         return expert in self.placement.experts()
 
-    def register(self, expert: str, source: ExpertSource, origin: str) -> ExpertRecord | None:
+    def register(
+        self,
+        expert: str,
+        source: ExpertSource,
+        origin: str,
+        packed: Packed | BaseException | None = None,
+    ) -> ExpertRecord | None:
         """Pack `expert` into DDR; None, and the expert unavailable, when that fails.
 
         `origin` names where the bytes come from (e.g. "checkpoint /path") for the
-        reason replicas get when they ask for the unavailable expert.
+        reason replicas get when they ask for the unavailable expert. `packed` is the
+        source already packed (or the error packing it raised), when the caller packed
+        several experts at once.
         """
         try:
-            record = self.placement.register(expert, source)
+            if isinstance(packed, BaseException):
+                raise packed
+            record = self.placement.register(expert, source, packed=packed)
         except Exception as error:  # one bad checkpoint must not take down every expert
             self.broken[expert] = (
                 f"expert {expert!r} is unavailable: its {origin} could not be packed: "

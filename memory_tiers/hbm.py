@@ -268,8 +268,11 @@ class HBMCache:
             )
         return resident
 
-    def mark_ready(self, lease: Lease, seconds: float) -> None:
-        """The admitting holder finished copying the expert's bytes in ``seconds``."""
+    def mark_ready(
+        self, lease: Lease, seconds: float, restore_seconds: float | None = None
+    ) -> None:
+        """The admitting holder finished copying the expert's bytes in ``seconds``, of which
+        ``restore_seconds`` (when not None) went to restoring them from disk first."""
         resident = self._outstanding(lease)
         if resident.ready:
             raise LeaseError(f"expert {lease.expert!r} on {self.device!r} is already ready")
@@ -277,6 +280,10 @@ class HBMCache:
         self.counters.switches += 1
         self.counters.bytes_moved += resident.region.nbytes
         self.counters.switch_seconds += seconds
+        if restore_seconds is not None:
+            self.counters.spilled_switches += 1
+            self.counters.restore_seconds += restore_seconds
+        # The policy weighs what bringing the expert back costs now, a restore included.
         self._measured_reload[lease.expert] = seconds
 
     def abort(self, lease: Lease) -> list[int]:

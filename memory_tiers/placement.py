@@ -258,8 +258,9 @@ class PlacementService:
 
     def _switch_in(self, cache: HBMCache, lease: Lease) -> None:
         try:
-            buffer, _ = self.ddr.get(lease.expert)
             started = time.perf_counter()
+            buffer, _, restored = self.ddr.fetch(lease.expert)
+            fetched = time.perf_counter()
             copy_into(self._arenas[lease.device].host_view(lease.region), buffer)
             seconds = time.perf_counter() - started
         except BaseException as error:
@@ -267,15 +268,21 @@ class PlacementService:
             raise SwitchFailed(
                 f"switching expert {lease.expert!r} into {lease.device!r} failed: {error}"
             ) from error
-        self._finish(cache, lease, seconds)
+        self._finish(cache, lease, seconds, fetched - started if restored else None)
 
-    def _finish(self, cache: HBMCache, lease: Lease, seconds: float | None) -> None:
+    def _finish(
+        self,
+        cache: HBMCache,
+        lease: Lease,
+        seconds: float | None,
+        restore_seconds: float | None = None,
+    ) -> None:
         with self._lock:
             if seconds is None:
                 cache.abort(lease)
                 self._room.notify_all()
             else:
-                cache.mark_ready(lease, seconds)
+                cache.mark_ready(lease, seconds, restore_seconds)
             pending = self._pending.pop((lease.device, lease.expert, lease.generation), None)
         if pending is not None:
             pending.set()

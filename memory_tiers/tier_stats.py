@@ -18,6 +18,8 @@ class HBMCounters:
     evictions: int = 0
     prefetches: int = 0  # admissions started by a prefetch hint
     failed_switches: int = 0
+    spilled_switches: int = 0  # switches whose bytes came back from disk (Ray spilled them)
+    restore_seconds: float = 0.0  # the part of switch_seconds spent restoring them
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in asdict(self).items()}

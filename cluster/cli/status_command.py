@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ray.exceptions import AuthenticationError
 
 EXPERT_PREFIX = "expert-"
+EXECUTORS = "executors"
 CALL_TIMEOUT_S = 30.0
 AUTH_HINT = (
     "the cluster uses Ray token authentication and refused this driver's token; run "
@@ -114,6 +115,7 @@ def gather_status(address: str, app: str) -> dict[str, Any]:
             ("stats", "ingress", "stats"),
             ("residency", "placement", "residency"),
             ("tier_metrics", "placement", "metrics"),
+            ("executors", EXECUTORS, "info"),
         ):
             if deployment not in deployments:
                 gathered[key] = None
@@ -135,17 +137,25 @@ def expert_rows(gathered: Mapping[str, Any]) -> list[dict[str, Any]]:
     for device, state in sorted((gathered.get("residency") or {}).items()):
         for resident in state.get("residents", []):
             residents[resident["expert"]] = {**resident, "device": device}
+    deployments = gathered.get("deployments", {})
+    # Each expert and the deployment that serves it: its own, or the executor pool.
+    served_by = {
+        name[len(EXPERT_PREFIX) :]: (deployment, "")
+        for name, deployment in deployments.items()
+        if name.startswith(EXPERT_PREFIX)
+    }
+    pool = deployments.get(EXECUTORS)
+    if pool is not None:
+        for expert in (gathered.get("executors") or {}).get("experts", []):
+            served_by[expert] = (pool, "pool ")
     rows = []
-    for name, deployment in sorted(gathered.get("deployments", {}).items()):
-        if not name.startswith(EXPERT_PREFIX):
-            continue
-        expert = name[len(EXPERT_PREFIX) :]
+    for expert, (deployment, kind) in sorted(served_by.items()):
         by_status = stats.get("requests", {}).get(expert, {})
         rows.append(
             {
                 "expert": expert,
                 "status": deployment["status"],
-                "replicas": f"{deployment['running']}/{deployment['target']}",
+                "replicas": f"{kind}{deployment['running']}/{deployment['target']}",
                 "resident": residents.get(expert),
                 "queue": int(stats.get("in_flight", {}).get(expert, 0)),
                 "requests": sum(int(n) for n in by_status.values()),

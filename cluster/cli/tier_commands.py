@@ -17,6 +17,14 @@ class ClusterUnavailable(RuntimeError):
     """No running cluster, or no placement service in the named application."""
 
 
+def _spilled(counters: dict[str, Any]) -> str:
+    """Switches that first restored the expert from disk (the object store spilled it)."""
+    restored = counters.get("spilled_switches", 0.0)
+    if not restored:
+        return ""
+    return f"; {restored:.0f} restored from disk in {counters.get('restore_seconds', 0.0):.3f} s"
+
+
 def format_status(residency: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Residency per device (as the placement service sends it), then its counters."""
     devices = {
@@ -38,6 +46,7 @@ def format_status(residency: dict[str, Any], metrics: dict[str, Any]) -> str:
             f"{device}: hits {counters['hits']:.0f}, misses {counters['misses']:.0f}, "
             f"switches {counters['switches']:.0f}, evictions {counters['evictions']:.0f}, "
             f"moved {counters['bytes_moved'] / GIB:.3f} GiB in {counters['switch_seconds']:.3f} s"
+            + _spilled(counters)
         )
     slots = metrics.get("slots")
     if slots:

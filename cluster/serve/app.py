@@ -195,14 +195,16 @@ def executor_deployment(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.num_cpus},
+        # The pooled experts arrive through reconfigure: adding or changing one keeps
+        # the executors (and their streams) running.
+        user_config={
+            "experts": [e.model_dump(mode="json") for e in pooled],
+            "checkpoints": {e.name: str(checkpoints[e.name]) for e in pooled},
+        },
         **scaling,
     )
-    arguments = (
-        [e.model_dump(mode="json") for e in pooled],
-        {e.name: str(checkpoints[e.name]) for e in pooled},
-    )
-    k = settings.max_experts_per_replica
-    return _versioned(deployment, *arguments, k).bind(*arguments, placement, k)
+    arguments = (settings.max_experts_per_replica, settings.preload)
+    return _versioned(deployment, *arguments).bind(placement, *arguments)
 
 
 class BuilderArgs(BaseModel):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,44 +40,67 @@ class UnknownExpert(LookupError):
 
 @dataclass
 class LoadedExpert:
-    """What Serve's multiplexing caches per expert: the runnable expert and its queue."""
+    """What Serve's multiplexing caches per expert: the runnable expert and its queue,
+    replaced in place when a config change alters the expert (Serve's cache keeps this
+    holder; batches already queued finish on the expert they were queued for)."""
 
     expert: ExecutorExpert
     batcher: RequestBatcher
+    digest: str
     requests: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ExecutorReplica:
     """One executor of the pool; see the module docstring."""
 
-    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
-        self,
-        experts: list[dict[str, Any]],
-        checkpoints: dict[str, str],
-        placement: DeploymentHandle,
-        max_experts: int,
-    ) -> None:
-        self.settings = {e["name"]: ExpertSettings.model_validate(e) for e in experts}
-        self.checkpoints = {name: Path(path) for name, path in checkpoints.items()}
+    def __init__(self, placement: DeploymentHandle, max_experts: int, preload: bool = True) -> None:
+        self.settings: dict[str, ExpertSettings] = {}
+        self.checkpoints: dict[str, Path] = {}
         self.placement = PlacementClient(placement)
         self.executor: ExpertExecutor | None = None
+        self.max_experts = max_experts
+        self.preload = preload
+        self.reconfigurations = 0
         self._in_use: set[str] = set()
         self.requests: dict[str, int] = {}
+        self._reporter: asyncio.Task[None] | None = None
 
         # Serve keeps the LRU cache on the decorated callable; a closure per replica lets
         # its size come from the config.
         @serve.multiplexed(max_num_models_per_replica=max_experts)
         async def get_expert(expert_id: str) -> LoadedExpert:
-            return await self._load(expert_id)
+            return LoadedExpert(*await self._build(expert_id))
 
         self.get_expert = get_expert
-        self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
-        logger.info("executor ready for %d experts", len(self.settings))
 
-    async def _load(self, name: str) -> LoadedExpert:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The pooled experts (first call, before any request; then on every `coe apply`
+        that changes them): a new expert is served at once, a changed one is rebuilt at
+        its next request, and the executors keep running."""
+        self.settings = {
+            e["name"]: ExpertSettings.model_validate(e) for e in user_config["experts"]
+        }
+        self.checkpoints = {name: Path(p) for name, p in user_config["checkpoints"].items()}
+        self.reconfigurations += 1
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+            if self.preload:
+                # Through the multiplexed loader, so Serve learns (and routes by) what is ready.
+                for name in list(self.settings)[: self.max_experts]:
+                    await self.get_expert(name)
+        logger.info("executor configured for %d experts", len(self.settings))
+
+    def _digest(self, name: str) -> str:
+        """What an expert's runnable state is built from; a change means a rebuild."""
+        settings = self.settings[name]
+        return f"{settings.model_dump_json()}|{self.checkpoints[name]}"
+
+    async def _build(self, name: str) -> tuple[ExecutorExpert, RequestBatcher, str]:
         settings = self.settings.get(name)
         if settings is None:
             raise UnknownExpert(f"expert {name!r} does not run on the executor pool")
+        digest = self._digest(name)
         described = await self.placement.call("describe", name)
         if self.executor is None:
             # Read-only: only the placement service writes the arena.
@@ -98,7 +121,7 @@ class ExecutorReplica:
             await self._run_batch(expert, jobs)
 
         logger.info("executor: %s loaded", name)
-        return LoadedExpert(expert, RequestBatcher(run, settings.max_batch_size))
+        return expert, RequestBatcher(run, settings.max_batch_size), digest
 
     async def _run_batch(self, expert: ExecutorExpert, jobs: Sequence[BatchJob]) -> None:
         """One batch under one grant, with the expert bound into its shared skeleton."""
@@ -119,6 +142,10 @@ class ExecutorReplica:
     async def _loaded(self) -> LoadedExpert:
         name = serve.get_multiplexed_model_id()
         loaded: LoadedExpert = await self.get_expert(name)
+        if name in self.settings and loaded.digest != self._digest(name):
+            async with loaded.lock:
+                if loaded.digest != self._digest(name):
+                    loaded.expert, loaded.batcher, loaded.digest = await self._build(name)
         loaded.requests += 1
         self.requests[name] = self.requests.get(name, 0) + 1
         return loaded
@@ -131,6 +158,25 @@ class ExecutorReplica:
         loaded = await self._loaded()
         async for chunk in loaded.batcher.stream(request):
             yield chunk
+
+    async def describe(self) -> dict[str, Any]:
+        """The multiplexed expert as this executor runs it (call with the expert as the
+        handle's multiplexed_model_id): what a dedicated replica's `info` says."""
+        name = serve.get_multiplexed_model_id()
+        loaded: LoadedExpert = await self.get_expert(name)
+        engine = loaded.expert.server.engine
+        return {
+            "name": name,
+            "engine": loaded.expert.spec.engine,
+            "engine_class": type(engine).__name__,
+            "kernel_injection": bool(getattr(engine, "kernel_injection", False)),
+            "parameters": int(getattr(engine, "parameter_count", 0)),
+            "requests": loaded.requests,
+            "skeleton": loaded.expert.skeleton.key,
+            "rebinds": loaded.expert.weights.rebinds,
+            "batches": loaded.batcher.batches,
+            "pid": os.getpid(),
+        }
 
     async def _report_forever(self) -> None:
         """Tell the placement service which regions the skeletons are bound to, so that

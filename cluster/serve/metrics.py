@@ -40,6 +40,7 @@ TIER_EVENTS = {
     "evictions": "eviction",
     "prefetches": "prefetch",
     "failed_switches": "failed_switch",
+    "spilled_switches": "spilled_switch",
 }
 TIER_GAUGES = ("used_bytes", "budget_bytes", "residents")
 
@@ -240,7 +241,8 @@ class TierMetrics:
                 "events": make.Counter(
                     "coe_tier_events",
                     description="Device-tier events: switch_in, hit, miss, eviction, "
-                    "prefetch, failed_switch.",
+                    "prefetch, failed_switch, spilled_switch (a switch that restored the "
+                    "expert's bytes from disk first).",
                     tag_keys=("device", "event"),
                 ),
                 "bytes": make.Counter(

@@ -35,6 +35,14 @@ class RayObjectStore:
             raise TypeError(f"object {ref} holds {type(value).__name__}, not a numpy buffer")
         return value
 
+    def spilled(self, ref: Any) -> bool:
+        """Spilled and not in shared memory now: the owner (the placement service) knows
+        without asking anyone, from its own reference table."""
+        from ray.experimental import get_local_object_locations
+
+        location = get_local_object_locations([ref]).get(ref) or {}
+        return bool(location.get("did_spill")) and not location.get("node_ids")
+
     def free(self, ref: Any) -> None:
         # Dropping the last reference lets Ray reclaim the object; nothing to force.
         del ref

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from cluster.config import CoEConfig, parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.object_store import RayObjectStore
 from memory_tiers.arena_files import remove_stale, remove_unused
+from memory_tiers.bulk_packing import PackOutcome, pack_many
 from memory_tiers.ddr import CheckpointSource, ObjectStore
 from memory_tiers.grant_service import GrantService, HolderProbe
 from memory_tiers.grants import Grant
@@ -39,6 +41,10 @@ HOST_DEVICE = "host0"
 # A holder that does not answer in time is busy or unreachable, not dead: only Ray's
 # word that the actor died reclaims its grants.
 HOLDER_PROBE_TIMEOUT_S = 10.0
+# Checkpoints packed at once. One: transformers' `from_pretrained` is not thread-safe
+# (it flips process-wide init flags and restores them on exit), and two loads in
+# parallel threads left later loads in the process with untied embeddings.
+PACK_WORKERS = 1
 
 
 async def actor_is_dead(contact: Any) -> bool:
@@ -112,14 +118,38 @@ class PlacementReplica:
         # No request a grant serves is waited for past the request timeout, so no grant
         # needs to live longer; a changed timeout applies to the next grants.
         grants.grant_lifetime_s = settings.serve.request_timeout_s
-        for expert in settings.experts:
-            if grants.has_expert(expert.name):
-                continue
-            path = checkpoints[expert.name]
-            grants.register(expert.name, CheckpointSource(path, expert.dtype), f"checkpoint {path}")
+        self._pack_new(grants, settings, checkpoints)
         if self.settings is None:
             grants.start()
         self.settings = settings
+
+    def _pack_new(
+        self, grants: GrantService, settings: CoEConfig, checkpoints: dict[str, Path]
+    ) -> None:
+        """Pack the experts not in DDR yet: each checkpoint read once, a few at a time."""
+        new = [e for e in settings.experts if not grants.has_expert(e.name)]
+        if not new:
+            return
+        sources = {e.name: CheckpointSource(checkpoints[e.name], e.dtype) for e in new}
+        keys = {e.name: (str(checkpoints[e.name]), e.dtype) for e in new}
+        step = max(1, len(new) // 10)
+
+        def packed(expert: str, outcome: PackOutcome) -> None:
+            origin = f"checkpoint {checkpoints[expert]}"
+            grants.register(expert, sources[expert], origin, outcome)
+
+        def progress(done: int, total: int) -> None:
+            if done % step == 0 or done == total:
+                logger.info("placement: packed %d of %d checkpoints", done, total)
+
+        started = time.monotonic()
+        read = pack_many(sources, keys, packed, workers=PACK_WORKERS, progress=progress)
+        logger.info(
+            "placement: %d experts from %d checkpoints packed in %.1f s",
+            len(new),
+            read,
+            time.monotonic() - started,
+        )
 
     def _start(self, settings: CoEConfig) -> GrantService:
         tiers = settings.tiers

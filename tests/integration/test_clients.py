@@ -65,18 +65,35 @@ def test_deployment_handle_raises_typed_errors(cluster: RunningCluster) -> None:
         handle.chat.remote({"model": "coe", "messages": []}).result(timeout_s=60)
 
 
-def test_each_expert_is_its_own_deployment_with_its_engine(cluster: RunningCluster) -> None:
-    from cluster.serve.app import expert_deployment_name
+def test_each_expert_runs_on_its_engine_in_its_deployment_or_the_pool(
+    cluster: RunningCluster,
+) -> None:
+    from cluster.serve.app import EXECUTOR_NAME, expert_deployment_name
 
     status = serve.status().applications[cluster.app_name]
+    pooled = {e.name for e in cluster.config.executor_experts()}
+    assert pooled  # the demo runs its specialists on executors
+    assert status.deployments[EXECUTOR_NAME].status.value == "HEALTHY"
+    executors = serve.get_deployment_handle(EXECUTOR_NAME, cluster.app_name)
+    skeletons = {}
     for expert in cluster.config.experts:
-        name = expert_deployment_name(expert.name)
-        assert status.deployments[name].status.value == "HEALTHY"
-        info = serve.get_deployment_handle(name, cluster.app_name).info.remote().result()
+        if expert.name in pooled:
+            assert expert_deployment_name(expert.name) not in status.deployments
+            handle = executors.options(multiplexed_model_id=expert.name)
+            info = handle.describe.remote().result()
+            skeletons[expert.name] = info["skeleton"]
+        else:
+            name = expert_deployment_name(expert.name)
+            assert status.deployments[name].status.value == "HEALTHY"
+            info = serve.get_deployment_handle(name, cluster.app_name).info.remote().result()
         assert info["name"] == expert.name
         expected = "DeepSpeedEngine" if expert.engine == "deepspeed" else "TransformersEngine"
         assert info["engine_class"] == expected
         assert info["parameters"] > 100_000_000
+    # The transformers SmolLM2 specialists share one skeleton; DeepSpeed and Gemma do not.
+    assert skeletons["code-assistant"] == skeletons["science-explainer"]
+    distinct = {skeletons[name] for name in ("code-assistant", "math-tutor", "storyteller")}
+    assert len(distinct) == 3
 
 
 def test_concurrent_requests_for_one_expert_decode_as_a_batch(cluster: RunningCluster) -> None:

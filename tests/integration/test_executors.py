@@ -40,8 +40,11 @@ def executor_config(checkpoints: dict[str, Path], budget: int, arena_dir: Path) 
                     "checkpoint": str(checkpoints[name]),
                     "params_b": 0.006,
                     "system_prompt": system_prompt(index),
-                    "dedicated": name == DEDICATED,
-                    "ray_actor_options": {"num_cpus": 0},
+                    **(
+                        {"dedicated": True, "ray_actor_options": {"num_cpus": 0}}
+                        if name == DEDICATED
+                        else {}
+                    ),
                 }
                 for index, name in enumerate(EXPERTS)
             ],
@@ -169,3 +172,53 @@ def test_a_stream_through_an_executor(
 def test_models_lists_pooled_experts_by_name(pooled: dict[str, Any]) -> None:
     listed = {m["id"] for m in pooled["handle"].models.remote().result()["data"]}
     assert set(EXPERTS) <= listed
+
+
+def executor_pids(app: str) -> set[int]:
+    from ray import serve
+
+    executors = serve.get_deployment_handle("executors", app_name=app)
+    pids: set[int] = set()
+    for _ in range(60):  # requests reach replicas at random: ask until both answered
+        pids.add(executors.info.remote().result()["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2
+    return pids
+
+
+def test_a_changed_and_an_added_expert_apply_without_restarting_executors(
+    pooled: dict[str, Any], checkpoints: dict[str, Path]
+) -> None:
+    """Runs last: it changes the application the other tests share."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    config: CoEConfig = pooled["config"]
+    before = executor_pids(APP)
+    data = config.model_dump(mode="json", exclude_unset=True)
+    changed, added = EXPERTS[5], "pooled-extra"
+    data["experts"][5]["system_prompt"] = "Reply in one word."
+    data["experts"].append(
+        {
+            "name": added,
+            "checkpoint": str(checkpoints[EXPERTS[3]]),
+            "params_b": 0.006,
+            "system_prompt": "You are the newest expert.",
+        }
+    )
+    new_config = parse_config(data)
+    new_checkpoints = {**checkpoints, added: checkpoints[EXPERTS[3]]}
+    handle = serve.run(build_app(new_config, new_checkpoints), name=APP, route_prefix=f"/{APP}")
+    for name in (changed, added):
+        expert = new_config.expert(name)
+        engine = TransformersEngine(name, new_checkpoints[name])
+        reference = ExpertServer(name, engine, expert.system_prompt).generate(
+            GenerationRequest(
+                messages=(ChatMessage(role="user", content=PROMPTS[0]),), max_tokens=6
+            )
+        )
+        answer = handle.chat.remote(body(name, PROMPTS[0])).result(timeout_s=120)
+        assert answer["choices"][0]["message"]["content"] == reference.text, name
+    assert executor_pids(APP) == before  # reconfigured in place, not restarted

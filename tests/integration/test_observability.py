@@ -127,11 +127,16 @@ def test_coe_status_lists_the_demo_experts(cluster: RunningCluster) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     status = json.loads(done.stdout)
-    experts = {e.name for e in cluster.config.experts}
-    assert {f"expert-{name}" for name in experts} <= set(status["deployments"])
-    for name in experts:
+    dedicated = {e.name for e in cluster.config.dedicated_experts()}
+    assert {f"expert-{name}" for name in dedicated} <= set(status["deployments"])
+    for name in dedicated:
         row = status["deployments"][f"expert-{name}"]
         assert row["status"] == "HEALTHY" and row["running"] >= 1, row
+    pool = status["deployments"]["executors"]
+    assert pool["status"] == "HEALTHY" and pool["running"] == cluster.config.executors.replicas
+    pooled = {e.name for e in cluster.config.executor_experts()}
+    assert set(status["executors"]["experts"]) == pooled
+    experts = dedicated | pooled
     assert status["problems"] == []
     assert status["router"]["mode"] == cluster.config.router.routing
     assert status["stats"]["requests"]["generalist"]["200"] >= 1

@@ -118,6 +118,20 @@ def test_table_shows_every_expert_with_replicas_residency_queue_and_errors() -> 
     assert "note: scaling up" in text
 
 
+def test_pooled_experts_are_rows_served_by_the_executor_pool() -> None:
+    gathered = gathered_cluster()
+    del gathered["deployments"]["expert-poet"]
+    gathered["deployments"]["executors"] = deployment("HEALTHY", 2, 2)
+    gathered["executors"] = {"experts": ["poet", "critic"], "pid": 1}
+    rows = {row["expert"]: row for row in expert_rows(gathered)}
+    assert list(rows) == ["coder", "critic", "generalist", "poet"]
+    assert rows["poet"]["replicas"] == "pool 2/2" and rows["poet"]["errors"] == 1
+    assert rows["critic"]["replicas"] == "pool 2/2" and rows["critic"]["requests"] == 0
+    assert rows["coder"]["replicas"] == "1/2"
+    text = format_status_table(gathered)
+    assert "executors HEALTHY 2/2" in text  # the pool itself is listed with the others
+
+
 def test_table_says_what_it_could_not_learn() -> None:
     gathered = gathered_cluster()
     gathered.update(

@@ -25,6 +25,7 @@ def bound(application: Any) -> Any:
 
 def test_one_deployment_per_expert_with_its_yaml_settings(tmp_path: Path) -> None:
     data = demo_data()
+    data["executors"] = {"enabled": False}  # every expert dedicated
     data["experts"][1]["autoscaling"] = {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 1}
     data["experts"][1]["ray_actor_options"] = {"num_cpus": 0.5, "memory": 1_000_000}
     data["experts"][1]["max_ongoing_requests"] = 7
@@ -68,6 +69,7 @@ def test_tiers_add_one_placement_service_shared_by_experts(tmp_path: Path) -> No
 def test_tiers_off_means_no_placement_service(tmp_path: Path) -> None:
     data = demo_data()
     data["tiers"] = {"enabled": False}
+    data["executors"] = {"enabled": False}
     config = parse_config(data)
     ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
     assert ingress.init_args[3] is None
@@ -124,10 +126,11 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
     def versions(data: dict[str, Any]) -> dict[str, str]:
         config = parse_config(data)
         ingress = bound(build_app(config, {e.name: tmp_path for e in config.experts}))
-        _config, router, experts, placement, _key, _executors, _pooled = ingress.init_args
+        _config, router, experts, placement, _key, executors, _pooled = ingress.init_args
         found = {name: bound(expert).version for name, expert in experts.items()}
         found["router"] = bound(router).version
         found["placement"] = bound(placement).version
+        found["executors"] = bound(executors).version
         return found
 
     before = versions(demo_data())
@@ -136,12 +139,14 @@ def test_versions_change_only_where_the_config_changed(tmp_path: Path) -> None:
     changed["experts"].append({**changed["experts"][0], "name": "newcomer"})
     changed["categories"].append({"name": "poetry", "examples": ["a poem"]})
     changed["category_map"]["poetry"] = "newcomer"
-    changed["experts"][2]["system_prompt"] = "Answer in code only."
+    changed["experts"][2]["system_prompt"] = "Answer in code only."  # a pooled expert
+    changed["experts"][0]["system_prompt"] = "Answer briefly."  # the dedicated generalist
     after = versions(changed)
     assert after.pop("newcomer")
     differs = {name for name in before if after[name] != before[name]}
-    # The router and placement take the new config through reconfigure (user_config).
-    assert differs == {changed["experts"][2]["name"]}
+    # The router, placement and the executor pool take the new config through
+    # reconfigure (user_config); only the changed dedicated expert restarts.
+    assert differs == {changed["experts"][0]["name"]}
 
 
 def test_default_autoscaling_policy_passes_serve_fields_only() -> None:

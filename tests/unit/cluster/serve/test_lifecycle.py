@@ -29,6 +29,7 @@ class Unavailable(Exception):
 def config_with_tiers(arena_dir: Path, enabled: bool = True) -> CoEConfig:
     data = demo_data()
     data["tiers"] = {**data.get("tiers", {}), "enabled": enabled, "arena_dir": str(arena_dir)}
+    data["executors"] = {**data.get("executors", {}), "enabled": enabled}  # they need the tiers
     return parse_config(data)
 
 

@@ -16,7 +16,7 @@ from cluster.serve.app import EXECUTOR_NAME, build_app
 from cluster.serve.placement_replica import PlacementReplica
 from cluster.serve.ray_internals import bound_deployment, deployment_config
 from cluster.setup_steps import check_architectures
-from memory_tiers.ddr import InProcessObjectStore
+from memory_tiers.ddr import CheckpointSource, InProcessObjectStore
 from memory_tiers.packing import checkpoint_nbytes
 
 TINY = LlamaConfig(
@@ -76,7 +76,10 @@ def test_the_graph_does_not_grow_with_the_experts(tiny_dir: Path, tmp_path: Path
         sorted(small) == sorted(large) == ["executors", "ingress", "placement", "pooled", "router"]
     )
     assert len(large["pooled"]) == 150
-    experts, checkpoints, _placement, k = large[EXECUTOR_NAME].init_args
+    _placement, k, preload = large[EXECUTOR_NAME].init_args
+    assert preload is True
+    pooled = deployment_config(large[EXECUTOR_NAME]).user_config
+    experts, checkpoints = pooled["experts"], pooled["checkpoints"]
     assert [e["name"] for e in experts] == large["pooled"]
     assert set(checkpoints) == set(large["pooled"])
     assert k == 32
@@ -138,7 +141,19 @@ class CountingStore(InProcessObjectStore):
         return super().put(array)
 
 
-def test_each_expert_is_packed_once_and_an_added_one_alone(tiny_dir: Path, tmp_path: Path) -> None:
+def test_each_expert_is_packed_once_and_an_added_one_alone(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """150 experts on one checkpoint: it is read once, and each expert gets its own
+    object in the store; an expert added later is the only one packed then."""
+    builds: list[Path] = []
+    build = CheckpointSource.build
+
+    def counted(self: CheckpointSource) -> Any:
+        builds.append(self.directory)
+        return build(self)
+
+    monkeypatch.setattr(CheckpointSource, "build", counted)
     CountingStore.puts = 0
     data = _data(150, tiny_dir, tmp_path)
     config = parse_config(data)
@@ -149,10 +164,25 @@ def test_each_expert_is_packed_once_and_an_added_one_alone(tiny_dir: Path, tmp_p
     try:
         replica.reconfigure({"config": data, "checkpoints": checkpoints})
         assert CountingStore.puts == 150
+        assert builds == [tiny_dir]
         data["experts"].append({"name": "e150", "checkpoint": str(tiny_dir), "params_b": 0.001})
         checkpoints["e150"] = str(tiny_dir)
         replica.reconfigure({"config": data, "checkpoints": checkpoints})
         assert CountingStore.puts == 151
+        assert builds == [tiny_dir, tiny_dir]
         assert replica._require().has_expert("e150")
     finally:
         replica.__del__()
+
+
+def test_a_pooled_expert_may_not_set_what_only_its_own_deployment_has(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    data = _data(3, tiny_dir, tmp_path)
+    data["experts"][1]["max_ongoing_requests"] = 9
+    with pytest.raises(ConfigError, match=r"expert 'e001' runs on the executor pool.*ongoing"):
+        parse_config(data)
+    data["experts"][1]["dedicated"] = True
+    config = parse_config(data)
+    # What every replica receives (a full dump) validates again.
+    assert parse_config(config.model_dump(mode="json")) == config
