@@ -237,6 +237,12 @@ class RouterSettings(StrictModel):
         0.5, ge=0, le=1, description="Below this top-category probability the generalist answers."
     )
     max_batch_size: int = Field(16, ge=1, description="Prompts the router classifies in one batch.")
+    max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests queued for the router beyond what its replicas take at once "
+        "(two batches each); beyond it a request is refused with 429 and Retry-After.",
+    )
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs reserved for the router replica.")
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="How long the router waits to fill a batch."
@@ -363,6 +369,12 @@ class ServeSettings(StrictModel):
     )
     max_prompt_chars: int = Field(
         8000, ge=1, description="Longest conversation (characters of all messages) accepted."
+    )
+    max_messages: int = Field(
+        256,
+        ge=1,
+        description="Most messages a conversation may have (also for /v1/route); each, "
+        "even an empty one, costs the chat template a turn of tokens.",
     )
     max_stop_chars: int = Field(
         200,

@@ -62,6 +62,40 @@ class GenerationRequest:
         return self.max_tokens if self.ignore_eos else min(self.min_tokens, self.max_tokens)
 
 
+class ContextLengthExceeded(ValueError):
+    """The prompt's tokens and the token budget do not fit the expert's context window.
+
+    Raised before generating. It is the client's error (OpenAI's 400
+    `context_length_exceeded`); it lives here because the engine that counts the tokens
+    and the ingress that answers the client both see this module. The constructor's
+    arguments are its `args`, so it pickles across processes as it is; read `message`,
+    not `str()`: Serve may hand it over wrapped in a `RayTaskError`, whose `str()` is a
+    traceback and whose missing attributes are looked up on this error.
+    """
+
+    def __init__(
+        self, context_length: int, prompt_tokens: int, max_tokens: int, part: str = "messages"
+    ) -> None:
+        super().__init__(context_length, prompt_tokens, max_tokens, part)
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.part = part  # "messages" (a chat) or "prompt" (a text completion)
+
+    @property
+    def message(self) -> str:
+        requested = self.prompt_tokens + self.max_tokens
+        return (
+            f"This model's maximum context length is {self.context_length} tokens. However, "
+            f"you requested {requested} tokens ({self.prompt_tokens} in the {self.part}, "
+            f"{self.max_tokens} in the completion). Please reduce the length of the "
+            f"{self.part} or completion."
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str

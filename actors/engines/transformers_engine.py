@@ -28,6 +28,7 @@ from actors.engines.base import (
     BatchJob,
     Cancellation,
     ChatMessage,
+    ContextLengthExceeded,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -42,6 +43,21 @@ from actors.weights.checkpoint import validate_checkpoint
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A base model without a chat template continues a transcript; these end its turn.
 PLAIN_STOPS = ("\nUser:", "\nAssistant:")
+# A tokenizer that does not know its model's window says VERY_LARGE_INTEGER (1e30);
+# no model has a window anywhere near this, so a larger model_max_length means unknown.
+SANE_MODEL_MAX_LENGTH = 10_000_000
+
+
+def context_length_of(config: Any, tokenizer: Any) -> int | None:
+    """The model's context window in tokens: its config's `max_position_embeddings`, else
+    the tokenizer's `model_max_length` when it is a real bound; None when neither says."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        return positions
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length <= SANE_MODEL_MAX_LENGTH:
+        return length
+    return None
 
 
 class _CountingStreamer(TextIteratorStreamer):
@@ -95,6 +111,7 @@ class TransformersEngine:
             )
             model = loaded.to(self.device)
         self.model = self._prepare(model.eval(), DTYPES[dtype])
+        self.context_length = context_length_of(self.model.config, self.tokenizer)
         self.load_seconds = time.monotonic() - started
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
         self._slot = threading.Lock()
@@ -114,11 +131,23 @@ class TransformersEngine:
         return tuple(dict.fromkeys(plain + request.stop))
 
     def encode_request(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """The model's input: a raw prompt as it is, else the conversation."""
+        """The model's input: a raw prompt as it is, else the conversation. Raises
+        `ContextLengthExceeded` when its tokens and the budget do not fit the window."""
         if request.prompt is None:
-            return self.encode(request.messages)
-        encoded: Any = self.tokenizer(request.prompt, return_tensors="pt")
-        return {key: value.to(self.device) for key, value in encoded.items()}
+            inputs = self.encode(request.messages)
+        else:
+            encoded: Any = self.tokenizer(request.prompt, return_tensors="pt")
+            inputs = {key: value.to(self.device) for key, value in encoded.items()}
+        self._check_context(request, int(inputs["input_ids"].shape[1]))
+        return inputs
+
+    def _check_context(self, request: GenerationRequest, prompt_tokens: int) -> None:
+        """Refuse before generating: past its window a model fails (learned positions)
+        or degrades silently (rotary ones), and either way only after spending the slot."""
+        limit = self.context_length
+        if limit is not None and prompt_tokens + request.max_tokens > limit:
+            part = "messages" if request.prompt is None else "prompt"
+            raise ContextLengthExceeded(limit, prompt_tokens, request.max_tokens, part)
 
     def encode(self, messages: tuple[ChatMessage, ...]) -> dict[str, torch.Tensor]:
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]

@@ -54,6 +54,13 @@ class PayloadTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class RequestTooLarge(InvalidRequest):
+    """A decoded request (gRPC, a handle call) larger than any request within the limits
+    could be; a 400, since it never was an HTTP body."""
+
+    code = "request_too_large"
+
+
 class ModelNotFound(CoEError):
     status_code = 404
     error_type = "invalid_request_error"

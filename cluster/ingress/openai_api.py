@@ -206,6 +206,16 @@ def refuse_lone_surrogates(texts: Iterable[tuple[str, str]]) -> None:
             )
 
 
+def refuse_too_many_messages(count: int, limits: ServeSettings) -> None:
+    """Every message costs the chat template a turn of tokens and the router and expert a
+    row of work, even an empty one, so the character bound alone does not bound them."""
+    if count > limits.max_messages:
+        raise InvalidRequest(
+            f"the conversation has {count} messages; the limit is {limits.max_messages}",
+            param="messages",
+        )
+
+
 def _check_stops(stops: list[str], limits: ServeSettings) -> None:
     """Each stop is matched against the generated text at every token: bound its length."""
     for stop in stops:
@@ -247,6 +257,7 @@ def to_generation_request(
         chars, what, param = len(prompt), "the prompt", "prompt"
         texts = [("prompt", prompt)]
     else:
+        refuse_too_many_messages(len(request.messages), limits)
         messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in request.messages)
         chars, what, param = sum(len(m.content) for m in messages), "the conversation", "messages"
         texts = _message_texts(request.messages)

@@ -21,7 +21,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from actors.engines.base import GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.base import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+)
 from cluster.config import ROUTED_MODEL, ServeSettings
 from cluster.ingress.api_errors import (
     CoEError,
@@ -31,6 +36,7 @@ from cluster.ingress.api_errors import (
     PayloadTooLarge,
     PromptTooLong,
     RequestTimedOut,
+    RequestTooLarge,
 )
 from cluster.ingress.openai_api import (
     MAX_STOPS,
@@ -40,6 +46,7 @@ from cluster.ingress.openai_api import (
     RouteRequest,
     parse_request,
     refuse_lone_surrogates,
+    refuse_too_many_messages,
     to_generation_request,
 )
 from cluster.ingress.shapes import CHAT, TEXT, Shape, models_body, routing_headers, usage_body
@@ -146,8 +153,32 @@ def max_body_bytes(limits: ServeSettings) -> int:
     return chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
 
 
-def _expert_failed(expert: str, error: Exception) -> ExpertFailed:
+def _expert_error(expert: str, error: Exception) -> CoEError:
+    """What a client sees of an expert's exception: the expert's refusal of its request
+    (prompt and budget past the context window: the client's 400), else a failed expert.
+    Through Serve the refusal is a `RayTaskError` that is also a `ContextLengthExceeded`
+    and reads its attributes from the original, so `message` is the expert's own."""
+    if isinstance(error, ContextLengthExceeded):
+        return PromptTooLong(error.message, param=error.part)
     return ExpertFailed(f"expert {expert!r} failed: {type(error).__name__}")
+
+
+def _json_size_exceeds(body: Any, limit: int) -> bool:
+    """Whether `body` written as escaped JSON (the HTTP worst case: every character as
+    ASCII escapes) is longer than `limit` bytes; stops reading once it is."""
+    # Values JSON cannot hold count as null here; validation refuses them afterwards.
+    encoder = json.JSONEncoder(ensure_ascii=True, default=lambda _value: None)
+    size = 0
+    try:
+        for piece in encoder.iterencode(body):
+            size += len(piece)
+            if size > limit:
+                return True
+    except RecursionError:
+        raise InvalidRequest("request body nests too deeply") from None
+    except (TypeError, ValueError) as error:  # a non-string key, a cycle, a huge integer
+        raise InvalidRequest(f"request body is not JSON: {error}") from None
+    return False
 
 
 class _Ticket:
@@ -272,8 +303,14 @@ class CoEService:
         return models_body(list(self.backend.expert_names))
 
     def decode(self, body: Any) -> Any:
-        """A JSON body: raw bytes are size-checked and parsed, anything else passes."""
+        """A JSON body: raw bytes are size-checked and parsed; an already decoded body
+        (gRPC, a handle call) gets the same bound on its size as JSON."""
         if not isinstance(body, bytes | bytearray):
+            if _json_size_exceeds(body, self.max_body_bytes):
+                raise RequestTooLarge(
+                    f"the request exceeds the limit of {self.max_body_bytes} bytes as JSON "
+                    f"(max_prompt_chars is {self.limits.max_prompt_chars})"
+                )
             return body
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(
@@ -302,6 +339,8 @@ class CoEService:
                 f"the limit is {self.limits.max_prompt_chars}",
                 param="prompt" if request.prompt is not None else "messages",
             )
+        if request.messages is not None:
+            refuse_too_many_messages(len(request.messages), self.limits)
         refuse_lone_surrogates(request.texts())
         decision = await self.backend.route(text)
         return decision.to_dict()
@@ -330,7 +369,7 @@ class CoEService:
         except CoEError:
             raise
         except Exception as error:
-            raise _expert_failed(prepared.decision.expert, error) from error
+            raise _expert_error(prepared.decision.expert, error) from error
         return prepared.shape.whole(result, prepared.decision, prepared.request.model)
 
     async def stream_chunks(self, prepared: Prepared) -> AsyncGenerator[dict[str, Any], None]:
@@ -368,7 +407,7 @@ class CoEService:
         except CoEError:
             raise
         except Exception as error:
-            raise _expert_failed(decision.expert, error) from error
+            raise _expert_error(decision.expert, error) from error
         finally:
             # `async for` leaves an abandoned source suspended; close it explicitly.
             close = getattr(source, "aclose", None)

@@ -152,6 +152,11 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
         RouterDeployment.options(
             name=ROUTER_NAME,
             ray_actor_options={"num_cpus": config.router.num_cpus},
+            # Two batches per replica: one classifying, the next filling. Serve's default
+            # of 5 capped every batch at 5 prompts whatever max_batch_size said.
+            max_ongoing_requests=2 * config.router.max_batch_size,
+            # Past this a route is refused (429) rather than queued without bound.
+            max_queued_requests=config.router.max_queued_requests,
             user_config=as_dict,  # a config change reconfigures the router in place
         )
     ).bind()

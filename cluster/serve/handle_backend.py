@@ -8,17 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from actors.engines.base import GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.base import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+)
 from cluster.ingress.api_errors import Overloaded
 from router.decision import RouteDecision
 
 logger = logging.getLogger("ray.serve")
+
+# A hint can evict an expert and copy its bytes (a gigabyte for a large one) into the
+# device; /v1/route costs the client nothing else, so without a floor a loop of route
+# calls churns the tiers. A request follows its hint within milliseconds, so one hint
+# per expert per second loses no useful prefetch.
+PREFETCH_MIN_INTERVAL_S = 1.0
+
+
+def _unwrapped(error: ContextLengthExceeded) -> ContextLengthExceeded:
+    """Serve raises an expert's exception as a `RayTaskError` that is also an instance of
+    its class, but whose `str()` is the remote traceback; hand on the original."""
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    return cause if isinstance(cause, ContextLengthExceeded) else error
 
 
 class HandleBackend:
@@ -30,35 +50,48 @@ class HandleBackend:
         experts: dict[str, DeploymentHandle],
         placement: DeploymentHandle | None = None,
         retry_after_s: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.router = router
         self.experts = experts
         self.retry_after_s = retry_after_s
         self.expert_names = sorted(experts)
         self.placement = placement
-        self._hints: set[Any] = set()
+        self.clock = clock
+        self._hints: dict[str, asyncio.Future[Any]] = {}  # in flight, one per expert
+        self._hinted_at: dict[str, float] = {}
 
     async def route(self, prompt: str) -> RouteDecision:
-        decision: RouteDecision = await self.router.route.remote(prompt)
+        try:
+            decision: RouteDecision = await self.router.route.remote(prompt)
+        except BackPressureError:
+            raise self._overloaded("the router") from None
         if self.placement is not None:
             self._prefetch(decision.expert)
         return decision
 
     def _prefetch(self, expert: str) -> None:
-        """Fire-and-forget: start the switch while the request waits for its replica."""
+        """Fire-and-forget: start the switch while the request waits for its replica.
+        Coalesced: none while this expert's last hint is in flight or was sent less than
+        `PREFETCH_MIN_INTERVAL_S` ago."""
         assert self.placement is not None
+        now, last = self.clock(), self._hinted_at.get(expert)
+        if expert in self._hints or (last is not None and now - last < PREFETCH_MIN_INTERVAL_S):
+            return
+        self._hinted_at[expert] = now
         hint = asyncio.ensure_future(self.placement.prefetch.remote(expert))
-        self._hints.add(hint)
-        hint.add_done_callback(self._hint_done)
+        self._hints[expert] = hint
+        hint.add_done_callback(lambda done: self._hint_done(expert, done))
 
-    def _hint_done(self, hint: Any) -> None:
-        self._hints.discard(hint)
+    def _hint_done(self, expert: str, hint: asyncio.Future[Any]) -> None:
+        if self._hints.get(expert) is hint:
+            del self._hints[expert]
         if not hint.cancelled() and hint.exception() is not None:
             logger.warning("prefetch hint failed: %s", hint.exception())
 
-    def _overloaded(self, expert: str) -> Overloaded:
+    def _overloaded(self, what: str) -> Overloaded:
         return Overloaded(
-            f"expert {expert!r} has too many queued requests; retry later",
+            f"{what} has too many queued requests; retry later",
             retry_after_s=self.retry_after_s,
         )
 
@@ -67,7 +100,9 @@ class HandleBackend:
         try:
             result: GenerationResult = await response
         except BackPressureError:
-            raise self._overloaded(expert) from None
+            raise self._overloaded(f"expert {expert!r}") from None
+        except ContextLengthExceeded as error:
+            raise _unwrapped(error) from None
         except asyncio.CancelledError:
             # Cancelling the awaiting task does not cancel the remote call: a timed-out or
             # abandoned request must free the expert's slot too.
@@ -84,7 +119,9 @@ class HandleBackend:
                 yield chunk
             finished = True
         except BackPressureError:
-            raise self._overloaded(expert) from None
+            raise self._overloaded(f"expert {expert!r}") from None
+        except ContextLengthExceeded as error:
+            raise _unwrapped(error) from None
         finally:
             if not finished:
                 chunks.cancel()  # a client that went away frees the expert at once
