@@ -26,7 +26,7 @@ from typing import Any
 
 from actors.engines.base import BatchJob, Engine
 from actors.expert_server import ExpertServer, make_engine
-from actors.weights.tiered_weights import SharedSkeleton, TieredWeights, skeleton_key
+from actors.weights.tiered_weights import Fetch, SharedSkeleton, TieredWeights, skeleton_key
 from memory_tiers.arena import DeviceArena
 from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
@@ -63,8 +63,16 @@ class ExecutorExpert:
 class ExpertExecutor:
     """Builds experts on shared skeletons and runs their batches (blocking calls)."""
 
-    def __init__(self, arena: DeviceArena, engine_factory: EngineFactory = make_engine) -> None:
+    def __init__(
+        self,
+        arena: DeviceArena | None,
+        engine_factory: EngineFactory = make_engine,
+        fetch: Fetch | None = None,
+    ) -> None:
+        """`arena`: the device's shared arena, or None on a zero-copy device, where each
+        grant names the expert's object-store buffer and `fetch` maps it."""
         self.arena = arena
+        self.fetch = fetch
         self.engine_factory = engine_factory
         self.skeletons: dict[str, SharedSkeleton] = {}
         # Skeleton key -> the weights last bound into that skeleton (residency reports).
@@ -98,7 +106,7 @@ class ExpertExecutor:
             spec.chat_format,
             skeleton.model,
         )
-        weights = TieredWeights(spec.name, index, self.arena, skeleton)
+        weights = TieredWeights(spec.name, index, self.arena, skeleton, self.fetch)
         with self._guard:
             self.loads += 1
         return ExecutorExpert(spec, weights, ExpertServer(spec.name, engine, spec.system_prompt))

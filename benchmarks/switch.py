@@ -244,6 +244,41 @@ def measure_cuda(
     }
 
 
+def time_forward(model: Any, runs: int) -> float:
+    """One forward pass of the prompt: whether weights in the object store's shared
+    memory run as fast as weights in the arena."""
+
+    def once() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model(PROMPT)
+        return time.perf_counter() - started
+
+    once()
+    return median_of(runs, once)
+
+
+def measure_zero_copy(
+    name: str, directory: Path, service: PlacementService, index: Any, runs: int
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Binding a skeleton straight to the object store's read-only buffer (no arena copy):
+    what a CPU node, where DDR and "HBM" are the same memory, could do instead."""
+    progress(f"{name}: {runs} zero-copy binds to the object-store buffer")
+    skeleton = ModelSkeleton.from_checkpoint(directory, "float32")
+
+    def once() -> float:
+        started = time.perf_counter()
+        skeleton.bind_buffer(service.ddr_buffer(name), index)
+        return time.perf_counter() - started
+
+    once()
+    seconds = median_of(runs, once)
+    with torch.inference_mode():
+        logits = skeleton.model(PROMPT).logits
+    measured = {"zero_copy_s": seconds, "forward_store_s": time_forward(skeleton.model, runs)}
+    return measured, logits
+
+
 def measure_switch(
     name: str, directory: Path, runs: int, store: ObjectStore, arena_dir: Path, cuda: bool
 ) -> dict[str, Any]:
@@ -305,8 +340,11 @@ def measure_switch(
     model = skeleton.bind_buffer(arena.host_view(lease.region), index, lease.generation)
     with torch.inference_mode():
         usable = bool(torch.equal(model(PROMPT).logits, expected))
+    measured, zero_copy_logits = measure_zero_copy(name, directory, service, index, runs)
+    measured["zero_copy_usable"] = bool(torch.equal(zero_copy_logits, expected))
+    measured["forward_arena_s"] = time_forward(model, runs)
+    measured["forward_store_over_arena"] = measured["forward_store_s"] / measured["forward_arena_s"]
     service.release(lease)
-    measured: dict[str, Any] = {}
     if cuda:
         progress(f"{name}: {runs} GPU switches against pinned host-to-device copies")
         measured["cuda"] = measure_cuda(directory, source, index, expected, runs)
@@ -339,6 +377,7 @@ def measure(
     entry["speedup_vs_from_pretrained"] = entry["from_pretrained_s"] / switch
     entry["speedup_vs_from_pretrained_resident"] = entry["from_pretrained_resident_s"] / switch
     entry["speedup_vs_safetensors"] = entry["safetensors_s"] / switch
+    entry["switch_over_zero_copy"] = switch / entry["zero_copy_s"]
     return entry
 
 

@@ -289,6 +289,15 @@ class TierSettings(StrictModel):
         "/dev/shm",
         description="Where the host arena file of a CPU device lives (shared memory).",
     )
+    cpu_binding: Literal["zero_copy", "arena_copy"] = Field(
+        "zero_copy",
+        description="How a CPU device holds the experts in use. 'zero_copy': replicas bind "
+        "an expert straight to its object-store buffer (on a CPU the object store's shared "
+        "memory is device memory; no arena file, nothing copied), with the byte budget, "
+        "leases, pins and eviction accounted as before. 'arena_copy': a switch copies the "
+        "expert into a shared arena file of hbm_budget_bytes (what a GPU does host to "
+        "device), which also lets residency survive a placement restart.",
+    )
 
     @model_validator(mode="after")
     def _budget_given(self) -> TierSettings:

@@ -169,12 +169,16 @@ class GrantService:
     # -- what replicas call --------------------------------------------------------
 
     def describe(self, expert: str) -> dict[str, Any]:
-        """The arena file and tensor index an expert replica binds against."""
+        """The arena file (None on a zero-copy device: grants carry the DDR object
+        instead) and the tensor index an expert replica binds against."""
         self._check_available(expert)
         index = self.placement.index(expert)
+        path = None if self.placement.zero_copy(self.device) else self.placement.arena_path(
+            self.device
+        )
         return {
             "device": self.device,
-            "arena_path": str(self.placement.arena_path(self.device)),
+            "arena_path": str(path) if path is not None else None,
             "index": index.to_json(),
         }
 
@@ -200,12 +204,16 @@ class GrantService:
             # Recorded even when the caller is gone by now: the watcher reclaims it.
             self.ledger.record(holder, contact, lease, slot, expires_at)
             self._watch_holders()
+        source = None
+        if self.placement.zero_copy(self.device):
+            source = self.placement.ddr_ref(expert)
         return Grant(
             lease=lease,
             slot=slot,
             incarnation=self.incarnation,
             slot_wait_s=waited,
             expires_at=expires_at,
+            source=source,
         )
 
     def release(self, grant: Grant) -> bool:
@@ -266,6 +274,8 @@ class GrantService:
         return not refused
 
     def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
+        if self.placement.zero_copy(report.device):
+            return False  # no arena: the old incarnation's objects died with it
         expected = self.placement.ddr_buffer(report.expert)
         if expected.nbytes != report.nbytes:
             return False

@@ -36,6 +36,9 @@ class Grant:
     incarnation: str
     slot_wait_s: float
     expires_at: float | None = None
+    # On a zero-copy device: the expert's DDR object (what the holder binds to);
+    # None where the bytes are in the device arena at `lease.region`.
+    source: Any = None
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,15 @@ class DeviceSpec:
     """One device: a named memory pool with a byte budget.
 
     ``arena``: "file" = shared host arena at ``arena_path`` (created or re-attached);
-    "memory" = host arena private to this process; "cuda" = arenas live in replicas.
+    "memory" = host arena private to this process; "cuda" = arenas live in replicas;
+    "object_store" = no arena: on a CPU node the object store's shared memory already
+    is device memory, so replicas bind an expert straight to its DDR buffer (read-only,
+    zero-copy) and the budget, leases, pins and eviction only account for it.
     """
 
     name: str
     budget_bytes: int
-    arena: Literal["memory", "file", "cuda"] = "memory"
+    arena: Literal["memory", "file", "cuda", "object_store"] = "memory"
     arena_path: Path | None = None
 
 
@@ -228,6 +231,8 @@ class PlacementService:
         if lease.needs_copy:
             if device in self._arenas:
                 self._switch_in(cache, lease)
+            elif self.zero_copy(device):
+                self._switch_in_place(cache, lease)
             return lease
         if pending is not None:
             pending.wait()
@@ -270,6 +275,24 @@ class PlacementService:
             ) from error
         self._finish(cache, lease, seconds, fetched - started if restored else None)
 
+    def _switch_in_place(self, cache: HBMCache, lease: Lease) -> None:
+        """A zero-copy device's switch: nothing to copy, but a spilled object is restored
+        now (not in the replica's bind), so its cost is counted where switches are."""
+        try:
+            started = time.perf_counter()
+            _, _, restored = self.ddr.fetch(lease.expert)
+            seconds = time.perf_counter() - started
+        except BaseException as error:
+            self._finish(cache, lease, None)
+            raise SwitchFailed(
+                f"switching expert {lease.expert!r} into {lease.device!r} failed: {error}"
+            ) from error
+        self._finish(cache, lease, seconds, seconds if restored else None)
+
+    def zero_copy(self, device: str) -> bool:
+        """Whether ``device``'s replicas bind experts straight to their DDR buffers."""
+        return self._specs[self._cache(device).device].arena == "object_store"
+
     def _finish(
         self,
         cache: HBMCache,
@@ -308,7 +331,7 @@ class PlacementService:
         expert to go, or on a CUDA device (its replica copies for itself).
         """
         cache, _ = self._usable(expert, device)
-        if device not in self._arenas:
+        if device not in self._arenas and not self.zero_copy(device):
             return False
         with self._lock:
             if cache.is_resident(expert):

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from memory_tiers.arena import DeviceArena
 from memory_tiers.grants import Grant
@@ -25,6 +28,9 @@ from memory_tiers.hbm import Lease
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import ResidencyReport
 from memory_tiers.switch import ModelSkeleton
+
+# Maps a grant's DDR object to its read-only buffer (the Serve layer injects ray.get).
+Fetch = Callable[[Any], np.ndarray]
 
 # What makes two checkpoints' skeletons interchangeable: the model's shape and its
 # generation defaults (eos tokens and the like live in generation_config.json).
@@ -69,11 +75,21 @@ class TieredWeights:
     """Keeps one expert's model bound to wherever the placement service put its bytes."""
 
     def __init__(
-        self, expert: str, index: TensorIndex, arena: DeviceArena, skeleton: SharedSkeleton
+        self,
+        expert: str,
+        index: TensorIndex,
+        arena: DeviceArena | None,
+        skeleton: SharedSkeleton,
+        fetch: Fetch | None = None,
     ) -> None:
+        """`arena` holds the granted regions; without one (a zero-copy device) each
+        grant names the expert's DDR object and `fetch` maps it."""
+        if arena is None and fetch is None:
+            raise ValueError(f"expert {expert!r}: tiered weights need an arena or a fetch")
         self.expert = expert
         self.index = index
         self.arena = arena
+        self.fetch = fetch
         self.shared = skeleton
         self.bound_lease: Lease | None = None
         self.rebinds = 0
@@ -86,11 +102,12 @@ class TieredWeights:
         dtype: str,
         engine: str,
         index: TensorIndex,
-        arena: DeviceArena,
+        arena: DeviceArena | None,
+        fetch: Fetch | None = None,
     ) -> TieredWeights:
         """Weights on a skeleton of their own (a dedicated expert replica)."""
         skeleton = SharedSkeleton.from_checkpoint(checkpoint_dir, dtype, engine)
-        return cls(expert, index, arena, skeleton)
+        return cls(expert, index, arena, skeleton, fetch)
 
     @property
     def model(self) -> Any:
@@ -115,18 +132,28 @@ class TieredWeights:
         if key == self.shared.bound:
             return False
         self.shared.bound = None  # a failed bind must not look like a good one
-        self.shared.skeleton.bind_buffer(
-            self.arena.host_view(lease.region), self.index, lease.generation
-        )
+        self.shared.skeleton.bind_buffer(self._buffer(grant), self.index, lease.generation)
         self.shared.bound = key
         self.rebinds += 1
         return True
 
+    def _buffer(self, grant: Grant) -> np.ndarray:
+        """The granted bytes: the DDR object itself on a zero-copy device (the views keep
+        it mapped), else the lease's region of the arena."""
+        if grant.source is not None:
+            if self.fetch is None:
+                raise ValueError(f"expert {self.expert!r}: a zero-copy grant but no fetch")
+            return self.fetch(grant.source)
+        if self.arena is None:
+            raise ValueError(f"expert {self.expert!r}: an arena grant but no arena")
+        return self.arena.host_view(grant.lease.region)
+
     def report(self, in_use: bool) -> ResidencyReport | None:
         """What this replica holds of this expert, for a restarted placement service:
-        only a region the skeleton is bound to now (the others may be gone)."""
+        only a region the skeleton is bound to now (the others may be gone), and only
+        of an arena (a zero-copy binding dies with the service's objects)."""
         lease = self.bound_lease
-        if lease is None or self.bound is None:
+        if lease is None or self.bound is None or self.arena is None:
             return None
         return ResidencyReport(
             expert=lease.expert,

@@ -26,8 +26,13 @@ from actors.batching import RequestBatcher
 from actors.engines.base import BatchJob, GenerationRequest, GenerationResult, StreamChunk
 from actors.executor import ExecutorExpert, ExpertExecutor, ExpertSpec
 from cluster.config import ExpertSettings
-from cluster.serve.placement_client import PlacementClient, detach_arena, end_jobs_at_expiry
-from memory_tiers.arena import DeviceArena
+from cluster.serve.object_store import RayObjectStore
+from cluster.serve.placement_client import (
+    PlacementClient,
+    attach_arena,
+    detach_arena,
+    end_jobs_at_expiry,
+)
 from memory_tiers.grant_service import REPORT_INTERVAL_S
 from memory_tiers.packing import TensorIndex
 
@@ -103,9 +108,7 @@ class ExecutorReplica:
         digest = self._digest(name)
         described = await self.placement.call("describe", name)
         if self.executor is None:
-            # Read-only: only the placement service writes the arena.
-            arena = DeviceArena.attach_file(Path(described["arena_path"]), writable=False)
-            self.executor = ExpertExecutor(arena)
+            self.executor = ExpertExecutor(attach_arena(described), fetch=RayObjectStore().get)
         spec = ExpertSpec(
             name=name,
             checkpoint_dir=self.checkpoints[name],
@@ -192,7 +195,7 @@ class ExecutorReplica:
         """Serve calls this when it stops the replica: unmap the arena, and remove it
         when no other process maps it (the whole application is being deleted)."""
         executor = getattr(self, "executor", None)
-        if executor is not None:
+        if executor is not None and executor.arena is not None:
             detach_arena(executor.arena)
 
     def info(self) -> dict[str, Any]:

@@ -22,8 +22,13 @@ from actors.engines.base import BatchJob, GenerationRequest, GenerationResult, S
 from actors.expert_server import ExpertServer, make_engine
 from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ExpertSettings
-from cluster.serve.placement_client import PlacementClient, detach_arena, end_jobs_at_expiry
-from memory_tiers.arena import DeviceArena
+from cluster.serve.object_store import RayObjectStore
+from cluster.serve.placement_client import (
+    PlacementClient,
+    attach_arena,
+    detach_arena,
+    end_jobs_at_expiry,
+)
 from memory_tiers.grant_service import REPORT_INTERVAL_S
 from memory_tiers.packing import TensorIndex
 
@@ -56,9 +61,6 @@ class ExpertReplica:
         if self.placement is not None:
             described = await self.placement.call("describe", settings.name)
             index = TensorIndex.from_json(described["index"])
-            # Read-only: only the placement service writes the arena; a replica that
-            # wrote through its views would corrupt every replica sharing the bytes.
-            arena = DeviceArena.attach_file(Path(described["arena_path"]), writable=False)
             self.weights = await asyncio.to_thread(
                 TieredWeights.own,
                 settings.name,
@@ -66,7 +68,8 @@ class ExpertReplica:
                 settings.dtype,
                 settings.engine,
                 index,
-                arena,
+                attach_arena(described),
+                RayObjectStore().get,
             )
             grant = await self.placement.acquire(settings.name)
             self.weights.bind(grant)
@@ -138,7 +141,7 @@ class ExpertReplica:
         """Serve calls this when it stops the replica: unmap the arena, and remove it
         when no other process maps it (the whole application is being deleted)."""
         weights = getattr(self, "weights", None)
-        if weights is not None:
+        if weights is not None and weights.arena is not None:
             detach_arena(weights.arena)
 
     def info(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -54,6 +55,16 @@ def end_jobs_at_expiry(
 
     delay = max(0.0, grant.expires_at - time.time())
     return asyncio.get_running_loop().call_later(delay, expire)
+
+
+def attach_arena(described: dict[str, Any]) -> DeviceArena | None:
+    """The device arena a placement `describe` names, mapped read-only (only the placement
+    service writes it: a replica writing through its views would corrupt every replica
+    sharing the bytes); None on a zero-copy device, whose grants carry DDR objects."""
+    path = described.get("arena_path")
+    if path is None:
+        return None
+    return DeviceArena.attach_file(Path(path), writable=False)
 
 
 def detach_arena(arena: DeviceArena) -> None:

@@ -160,8 +160,11 @@ class PlacementReplica:
         # restart it still holds the residents.
         for stale in remove_stale(path.parent, arena_files(settings), keep=path):
             logger.warning("placement: removed %s, left behind by a stopped cluster", stale)
-        self.arena_file = path
-        spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
+        if tiers.cpu_binding == "zero_copy":
+            spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="object_store")
+        else:
+            self.arena_file = path
+            spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
         return GrantService(
             spec,
             self.new_store(),

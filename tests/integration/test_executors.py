@@ -154,6 +154,8 @@ def test_thirty_experts_through_two_executors_answer_as_if_alone(
     assert served == (len(EXPERTS) - 1) * ROUNDS  # all but the dedicated expert
     assert all(info["skeletons"] == 1 for info in infos.values())  # one architecture
     placement = serve.get_deployment_handle("placement", app_name=APP)
+    # A CPU device binds experts in the object store by default: no arena file at all.
+    assert placement.describe.remote(EXPERTS[1]).result()["arena_path"] is None
     metrics = placement.metrics.remote().result()["devices"]["host0"]
     assert metrics["switches"] >= len(EXPERTS)  # far more experts than the arena holds
     assert metrics["used_bytes"] <= pooled["config"].tiers.hbm_budget_bytes

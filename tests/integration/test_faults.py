@@ -76,6 +76,8 @@ def app_config(
                 "eviction": "lru",
                 "active_slots": active_slots,
                 "arena_dir": str(arena_dir),
+                # The arena copy (the GPU path's shape) and its restart semantics.
+                "cpu_binding": "arena_copy",
             },
             "serve": {
                 "app_name": app,

@@ -55,6 +55,8 @@ def tiny_config(checkpoints: dict[str, Path], budget: int, arena_dir: Path) -> C
                 "pinned": [PINNED],
                 "active_slots": 2,
                 "arena_dir": str(arena_dir),
+                # The arena copy (the GPU path's shape) and its restart semantics.
+                "cpu_binding": "arena_copy",
             },
             "serve": {"app_name": APP},
         },

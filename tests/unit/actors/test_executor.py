@@ -199,3 +199,34 @@ def test_a_failed_bind_leaves_no_binding_that_looks_good(checkpoints: dict[str, 
     expert.weights.index = device.indexes["alpha"]
     answer = _answer(executor, expert, device.grant("alpha", generation=5), PROMPTS[0])
     assert answer == _reference(_spec("alpha", checkpoints["alpha"]), PROMPTS[0])
+
+
+def test_zero_copy_binds_each_expert_straight_to_its_store_buffer(
+    checkpoints: dict[str, Path],
+) -> None:
+    """A zero-copy device: no arena; each grant names the expert's DDR object, and the
+    shared skeleton's tensors point into that read-only buffer itself."""
+    from memory_tiers.ddr import InProcessObjectStore
+
+    store = InProcessObjectStore()
+    names = ["alpha", "beta"]
+    packed = {name: CheckpointSource(checkpoints[name]).build() for name in names}
+    refs = {name: store.put(buffer) for name, (buffer, _) in packed.items()}
+    executor = ExpertExecutor(None, fetch=store.get)
+    specs = {name: _spec(name, checkpoints[name]) for name in names}
+    experts = {name: executor.load(specs[name], packed[name][1]) for name in names}
+
+    def grant(name: str) -> Grant:
+        region = Region(0, packed[name][1].total_bytes)
+        lease = Lease(next(_lease_ids), name, "host0", region, 1, False)
+        return Grant(lease=lease, slot=0, incarnation="one", slot_wait_s=0.0, source=refs[name])
+
+    for name in names + names:
+        answer = _answer(executor, experts[name], grant(name), PROMPTS[0])
+        assert answer == _reference(specs[name], PROMPTS[0])
+        buffer = store.get(refs[name])
+        start = buffer.ctypes.data
+        pointer = next(iter(experts[name].weights.model.parameters())).data_ptr()
+        assert start <= pointer < start + buffer.nbytes  # bound in place, not copied
+    assert executor.rebinds == 4  # one skeleton, the expert changes every time
+    assert executor.reports(in_use=set()) == []  # nothing an arena could keep

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from ray.exceptions import ActorDiedError
@@ -59,6 +60,7 @@ def _config_data(tmp_path: Path, torn: bool) -> dict[str, Any]:
             "active_slots": 2,
             "pinned": ["c"] if torn else [],
             "arena_dir": str(tmp_path),
+            "cpu_binding": "arena_copy",  # the arena file is what these tests are about
         },
         "serve": {"app_name": "unit"},
     }
@@ -253,3 +255,37 @@ def test_arenas_of_stopped_clusters_go_at_start_and_ours_goes_after_a_clean_stop
     restarted.__del__()
     assert not ours.exists()
     live.close()
+
+
+def test_by_default_a_cpu_device_binds_experts_in_the_object_store(tmp_path: Path) -> None:
+    """Zero-copy: no arena file, grants name the expert's DDR object, and the budget,
+    leases and eviction still account for every byte."""
+    checkpoints = {name: _checkpoint(tmp_path / name, seed) for seed, name in enumerate(NAMES)}
+    data = _config_data(tmp_path, torn=False)
+    del data["tiers"]["cpu_binding"]
+    data["tiers"]["hbm_budget_bytes"] = checkpoint_nbytes(tmp_path / "a", "float32") + 4096
+    replica = PlacementReplica()
+    replica.new_store = InProcessObjectStore
+    replica.arena_id = lambda: ARENA_ID
+    replica.reconfigure(
+        {"config": data, "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+    )
+    config = parse_config(data)
+    assert not arena_path(config, ARENA_ID).exists()
+    assert replica.describe("a")["arena_path"] is None
+
+    async def two_switches() -> None:
+        store = replica._require().placement.ddr.store
+        first = await replica.acquire("a")
+        assert first.source is not None
+        assert np.array_equal(store.get(first.source), replica.service.ddr_buffer("a"))
+        replica.release(first)
+        second = await replica.acquire("b")  # room for one: "a" is evicted
+        assert second.source is not None and second.lease.expert == "b"
+        replica.release(second)
+
+    asyncio.run(two_switches())
+    device = replica.metrics()["devices"]["host0"]
+    assert device["switches"] == 2 and device["evictions"] == 1
+    assert [r["expert"] for r in replica.residency()["host0"]["residents"]] == ["b"]
+    replica.__del__()
