@@ -173,8 +173,10 @@ class GrantService:
         instead) and the tensor index an expert replica binds against."""
         self._check_available(expert)
         index = self.placement.index(expert)
-        path = None if self.placement.zero_copy(self.device) else self.placement.arena_path(
-            self.device
+        path = (
+            None
+            if self.placement.zero_copy(self.device)
+            else self.placement.arena_path(self.device)
         )
         return {
             "device": self.device,
