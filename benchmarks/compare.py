@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import scale_run
 from benchmarks.harness import driver, plots, stats, workload
 from benchmarks.startup import free_port
 from benchmarks.systems import SYSTEMS, Scenario, demo_scenario, running, serve_instance
@@ -87,17 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def warm_up(scenario: Scenario, base_url: str, max_tokens: int) -> None:
     """One request per expert, least popular first: every system starts alike."""
-    requests = tuple(
-        workload.Planned(index=i, at_s=None, expert=name, prompt="Hello", stream=False)
-        for i, name in enumerate(reversed(scenario.names))
-    )
-    plan = workload.Workload(requests=requests, mode="closed", seed=0, users=1)
-    result = driver.run_sync(
-        plan, base_url, max_tokens=max_tokens, timeout_s=300.0, concurrency=1, progress=False
-    )
-    failed = [o for o in result.outcomes if not o.ok]
-    if failed:
-        raise RuntimeError(f"warm-up failed: {failed[0]}")
+    scale_run.warm_up(list(reversed(scenario.names)), base_url, max_tokens)
 
 
 def ratios(systems: dict[str, dict[str, Any]]) -> dict[str, float | None]:

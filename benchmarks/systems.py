@@ -1,25 +1,34 @@
-"""The three systems the comparison runs, each a Serve application started and stopped here.
+"""The systems the benchmarks run, each a Serve application started and stopped here.
 
 - `coe`: the CoE cluster with tiered placement: every expert's weights in the object
   store (DDR), a device arena (HBM) sized for `hbm_experts` of them, prefetch, and the
-  expert autoscaling policy.
+  expert autoscaling policy. With `executor_replicas`, every expert runs on that many
+  executor replicas (the `executors:` section) instead of a deployment of its own.
 - `multiplex`: one deployment serving every expert through `@serve.multiplexed` with
   K models per replica, each load a `from_pretrained` (benchmarks/multiplex_app.py).
 - `resident`: the CoE cluster with the tiers off: every expert loaded in its own
   replica all the time.
+- `zero`: the CoE cluster with the tiers off and every expert a deployment of its own
+  scaled to zero: the first request for an expert starts its process.
 
-All three serve the same experts from the same checkpoint files behind the same ingress
-code, on one Ray instance, one after the other on the same port.
+All of them serve the same experts from the same checkpoint files behind the same
+ingress code, on one Ray instance, one after the other on the same port.
+`benchmarks/compare.py` runs the first three (`SYSTEMS`); `benchmarks/scale.py` runs
+`coe` (on executors), `multiplex` and `zero`.
 
 Memory is reported two ways. `peak_memory_bytes` is the device-tier memory the system
 holds expert weights in (HBM on an accelerator): the arena for `coe`, the loaded models
 for `multiplex` and `resident`. `peak_host_memory_bytes` is the host memory the system
 holds: the summed PSS of its replica processes (the shared arena counted once) plus the
-expert weights it keeps in the object store (only `coe` keeps any there).
+expert weights it keeps in the object store (only `coe` keeps any there). Each sample
+also counts the replica processes and splits their PSS into what they map of Ray's
+object store and everything else (`ProcessMemory`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import shutil
 import threading
@@ -30,16 +39,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.memory import ProcessMemory, replica_memory
 from cluster.config import PROJECT_ROOT, CoEConfig, ServeSettings, load_config, parse_config
 from cluster.console import Say
 from cluster.serve import lifecycle
-from cluster.serve.app import PLACEMENT_NAME, build_app
+from cluster.serve.app import (
+    EXECUTOR_NAME,
+    INGRESS_NAME,
+    PLACEMENT_NAME,
+    ROUTER_NAME,
+    build_app,
+    expert_deployment_name,
+)
 from memory_tiers.packing import checkpoint_nbytes
 
-SYSTEMS = ("coe", "multiplex", "resident")
+SYSTEMS = ("coe", "multiplex", "resident")  # what benchmarks/compare.py runs
+ALL_SYSTEMS = (*SYSTEMS, "zero")
 APP_NAME = "bench"
 SAMPLE_INTERVAL_S = 1.0
 READY_TIMEOUT_S = 600.0
+
+
+# `zero`: no replica until a request comes, back to none after `Scenario.zero_idle_s`.
+ZERO_AUTOSCALING: dict[str, Any] = {
+    "policy": "coe",
+    "idle": "zero",
+    "min_replicas": 0,
+    "initial_replicas": 0,
+    "max_replicas": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +76,7 @@ class Scenario:
 
     experts: int
     hbm_experts: int
-    checkpoint: Path  # the source checkpoint every expert is a copy of
+    checkpoint: Path  # the source checkpoint every expert is a copy of (without expert_dirs)
     copies_dir: Path  # where each expert's own copy lives (see expert_checkpoints)
     params_b: float = 0.135
     max_models: int = 3  # K of the multiplex baseline
@@ -61,6 +89,17 @@ class Scenario:
         ("idle", "park"),
         ("max_replicas", 1),
     )
+    # Each expert's own checkpoint in rank order, used where it is (experts with distinct
+    # weights); None: every expert is a copy of `checkpoint` under `copies_dir`.
+    expert_dirs: tuple[Path, ...] | None = None
+    # The arena's budget; None: `hbm_experts` experts of `checkpoint`'s size, and a half.
+    budget_bytes: int | None = None
+    # `coe` runs every expert on an executor pool of this many replicas; None: a
+    # deployment per expert.
+    executor_replicas: int | None = None
+    max_experts_per_replica: int | None = None  # executors: None is the config's default
+    multiplex_replicas: int = 1
+    zero_idle_s: float = 300.0  # `zero`: seconds without a request before 1 -> 0 replicas
 
     def __post_init__(self) -> None:
         if self.experts < 2:
@@ -71,6 +110,18 @@ class Scenario:
             raise ValueError(f"max_models (K) must be >= 1, got {self.max_models}")
         if self.active_slots is not None and self.active_slots < 1:
             raise ValueError(f"active_slots must be >= 1, got {self.active_slots}")
+        if self.expert_dirs is not None and len(self.expert_dirs) != self.experts:
+            raise ValueError(
+                f"expert_dirs names {len(self.expert_dirs)} checkpoints for {self.experts} experts"
+            )
+        for name in ("budget_bytes", "executor_replicas", "max_experts_per_replica"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.multiplex_replicas < 1:
+            raise ValueError(f"multiplex_replicas must be >= 1, got {self.multiplex_replicas}")
+        if self.zero_idle_s < 0:
+            raise ValueError(f"zero_idle_s must be >= 0, got {self.zero_idle_s}")
 
     @property
     def names(self) -> list[str]:
@@ -81,27 +132,47 @@ class Scenario:
     def expert_bytes(self) -> int:
         return checkpoint_nbytes(self.checkpoint, "float32")
 
+    def expert_sizes(self) -> dict[str, int]:
+        """Each expert's weight bytes (float32), by name."""
+        if self.expert_dirs is None:
+            return dict.fromkeys(self.names, self.expert_bytes)
+        return {name: _nbytes(path) for name, path in self.checkpoints().items()}
+
     @property
     def hbm_budget_bytes(self) -> int:
+        if self.budget_bytes is not None:
+            return self.budget_bytes
         # Half an expert of slack: room for `hbm_experts`, never one more.
         return int(self.expert_bytes * (self.hbm_experts + 0.5))
 
-    def config(self, tiers: bool) -> CoEConfig:
+    def config(self, tiers: bool, *, executors: bool = False, zero: bool = False) -> CoEConfig:
+        """The cluster config: tiered or not, on executors or a deployment per expert,
+        and with `zero` every expert a deployment of its own scaled to zero."""
         names = self.names
-        autoscaling = dict(self.autoscaling)
+        checkpoints = self.checkpoints()
+        autoscaling = {**ZERO_AUTOSCALING, "idle_s": self.zero_idle_s} if zero else None
+        pool: dict[str, Any] = {"enabled": executors, "num_cpus": 0}
+        if executors:
+            pool["replicas"] = self.executor_replicas or 1
+            if self.max_experts_per_replica is not None:
+                pool["max_experts_per_replica"] = self.max_experts_per_replica
+        experts = []
+        for rank, name in enumerate(names, start=1):
+            expert: dict[str, Any] = {
+                "name": name,
+                "checkpoint": str(checkpoints[name]),
+                "params_b": self.params_b,
+                "system_prompt": system_prompt(rank),
+                "chat_format": self.chat_format(checkpoints[name]),
+                "dedicated": zero,
+            }
+            if not executors:  # pooled experts take the pool's replicas and resources
+                expert["autoscaling"] = autoscaling or dict(self.autoscaling)
+                expert["ray_actor_options"] = {"num_cpus": 0}
+            experts.append(expert)
         return parse_config(
             {
-                "experts": [
-                    {
-                        "name": name,
-                        "checkpoint": str(self.copies_dir / name),
-                        "params_b": self.params_b,
-                        "system_prompt": f"You are assistant number {rank}. Answer briefly.",
-                        "autoscaling": autoscaling,
-                        "ray_actor_options": {"num_cpus": 0},
-                    }
-                    for rank, name in enumerate(names, start=1)
-                ],
+                "experts": experts,
                 "categories": [{"name": "general", "examples": ["Hello"]}],
                 "category_map": {"general": names[0]},
                 "generalist": names[0],
@@ -112,12 +183,28 @@ class Scenario:
                     "pinned": [],
                     "active_slots": self.active_slots or self.hbm_experts,
                 },
+                "executors": pool,
                 "serve": {"app_name": APP_NAME, "ingress_num_cpus": 0},
             },
             "benchmark scenario",
         )
 
+    def system_config(self, system: str) -> CoEConfig:
+        """The config `system` runs (the multiplex baseline reads its experts and limits)."""
+        if system == "coe":
+            return self.config(tiers=True, executors=self.executor_replicas is not None)
+        return self.config(tiers=False, zero=system == "zero")
+
+    def chat_format(self, checkpoint: Path) -> str:
+        """Copies of the demo checkpoint have its chat template; an expert of its own
+        (a base model among them) speaks through a transcript when it has none."""
+        if self.expert_dirs is None:
+            return "template"
+        return chat_format_of(checkpoint)
+
     def checkpoints(self) -> dict[str, Path]:
+        if self.expert_dirs is not None:
+            return dict(zip(self.names, self.expert_dirs, strict=True))
         return {name: self.copies_dir / name for name in self.names}
 
     def prepare(self, say: Say) -> None:
@@ -125,10 +212,33 @@ class Scenario:
 
         Experts that shared one file would share its page-cache pages, and a system that
         maps weights (from_pretrained does) would look like it held one expert's bytes
-        for all of them. Distinct files cost what distinct experts cost.
+        for all of them. Distinct files cost what distinct experts cost. Experts with
+        checkpoints of their own (`expert_dirs`) are used where they are.
         """
+        if self.expert_dirs is not None:
+            return
         for name in self.names:
             copy_checkpoint(self.checkpoint, self.copies_dir / name, say)
+
+
+def system_prompt(rank: int) -> str:
+    return f"You are assistant number {rank}. Answer briefly."
+
+
+def chat_format_of(checkpoint: Path) -> str:
+    """'template' when the checkpoint's tokenizer has a chat template, else 'plain'."""
+    if (checkpoint / "chat_template.jinja").is_file():
+        return "template"
+    try:
+        tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return "template"  # nothing to read: let the engine report what is missing
+    return "template" if tokenizer_config.get("chat_template") else "plain"
+
+
+@functools.cache
+def _nbytes(checkpoint: Path) -> int:
+    return checkpoint_nbytes(checkpoint, "float32")
 
 
 def copy_checkpoint(source: Path, target: Path, say: Say) -> None:
@@ -161,43 +271,49 @@ def demo_scenario(experts: int, hbm_experts: int, say: Say, **options: Any) -> S
 
 def demo_checkpoint(say: Say) -> Path:
     """The demo's SmolLM2-135M-Instruct checkpoint, built on first use."""
+    return demo_checkpoints(say)["generalist"]
+
+
+def demo_checkpoints(say: Say) -> dict[str, Path]:
+    """The demo's checkpoints by expert name, built on first use."""
     from cluster.setup_steps import prepare_checkpoints
 
     config = load_config(PROJECT_ROOT / "configs" / "demo.yaml")
-    return prepare_checkpoints(config, progress=say)["generalist"]
+    return prepare_checkpoints(config, progress=say)
 
 
 def replica_memory_bytes(app_name: str) -> int:
     """Summed PSS of the application's replica processes (shared pages split fairly)."""
-    import psutil
-
-    prefix = f"ray::ServeReplica:{app_name}:"
-    total = 0
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info.get("cmdline") or []
-        if not cmdline or not cmdline[0].startswith(prefix):
-            continue
-        try:
-            total += int(process.memory_full_info().pss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
+    return replica_memory(app_name).pss_bytes
 
 
 @dataclass
 class Timeline:
-    """Replicas per deployment and resident experts, sampled once a second."""
+    """Replicas per deployment, resident experts and memory, sampled once a second."""
 
     samples: list[dict[str, Any]] = field(default_factory=list)
     peak_host_bytes: int = 0
+    peak: ProcessMemory = field(default_factory=ProcessMemory)
+
+    def note(self, memory: ProcessMemory) -> None:
+        """Keep the peaks; per deployment, each its own peak (they need not coincide)."""
+        by_deployment = dict(self.peak.outside_store_by_deployment)
+        for deployment, nbytes in memory.outside_store_by_deployment.items():
+            by_deployment[deployment] = max(by_deployment.get(deployment, 0), nbytes)
+        self.peak = ProcessMemory(
+            max(self.peak.processes, memory.processes),
+            max(self.peak.pss_bytes, memory.pss_bytes),
+            max(self.peak.pss_outside_store_bytes, memory.pss_outside_store_bytes),
+            by_deployment,
+        )
 
 
 class RunningSystem:
     """One system's Serve application, sampled in a background thread while it runs."""
 
     def __init__(self, name: str, scenario: Scenario, route_prefix: str = "/") -> None:
-        if name not in SYSTEMS:
-            raise ValueError(f"unknown system {name!r}; known: {list(SYSTEMS)}")
+        if name not in ALL_SYSTEMS:
+            raise ValueError(f"unknown system {name!r}; known: {list(ALL_SYSTEMS)}")
         self.name = name
         self.scenario = scenario
         self.route_prefix = route_prefix
@@ -206,6 +322,11 @@ class RunningSystem:
         self._sampler: threading.Thread | None = None
         self._object_store_bytes = 0
         self._started = 0.0
+        self._lock = threading.Lock()  # the sampler and callers share what follows
+        self._infos: dict[tuple[str, Any], dict[str, Any]] = {}  # (deployment, pid) -> info
+        self._running: set[str] = set()  # zero: experts with a running replica
+        self.replica_starts = 0  # zero: replicas started (each a process start)
+        self._peak_running_bytes = 0  # zero: weights of the experts running at once
 
     def start(self) -> None:
         from ray import serve
@@ -215,10 +336,13 @@ class RunningSystem:
         scenario = self.scenario
         if self.name == "multiplex":
             app = build_multiplex_app(
-                scenario.config(tiers=False), scenario.checkpoints(), scenario.max_models
+                scenario.config(tiers=False),
+                scenario.checkpoints(),
+                scenario.max_models,
+                scenario.multiplex_replicas,
             )
         else:
-            app = build_app(scenario.config(tiers=self.name == "coe"), scenario.checkpoints())
+            app = build_app(scenario.system_config(self.name), scenario.checkpoints())
         lifecycle.run_app(app, APP_NAME, self.route_prefix)
         if self.name == "coe":
             placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
@@ -245,37 +369,94 @@ class RunningSystem:
             logging.getLogger(__name__).warning("sample failed: %s", error)
 
     def sample(self) -> dict[str, Any]:
+        memory = replica_memory(APP_NAME)
+        host = memory.pss_bytes + self._object_store_bytes
+        self.timeline.peak_host_bytes = max(self.timeline.peak_host_bytes, host)
+        self.timeline.note(memory)
+        replicas = self.replicas()
+        if self.name == "zero":  # what `resident` would ask Serve again
+            with self._lock:
+                resident = sorted(self._running)
+        else:
+            resident = self.resident()
+        return {
+            "t": self.elapsed_s(),
+            "replicas": replicas,
+            "resident": resident,
+            "host_bytes": host,
+            "processes": memory.processes,
+            "pss_bytes": memory.pss_bytes,
+            "pss_outside_store_bytes": memory.pss_outside_store_bytes,
+        }
+
+    def replicas(self) -> dict[str, int]:
+        """Running replicas per serving deployment (`zero` leaves out those at none: it
+        has one deployment per expert, mostly at none)."""
         from ray import serve
 
         from cluster.serve.ray_internals import running_replicas
 
-        host = replica_memory_bytes(APP_NAME) + self._object_store_bytes
-        self.timeline.peak_host_bytes = max(self.timeline.peak_host_bytes, host)
         app = serve.status().applications.get(APP_NAME)
         replicas = {}
         if app is not None:
             for deployment, status in app.deployments.items():
-                if deployment in ("ingress", "router", PLACEMENT_NAME):
+                if deployment in (INGRESS_NAME, ROUTER_NAME, PLACEMENT_NAME):
                     continue
                 replicas[deployment] = running_replicas(status)
-        return {
-            "t": self.elapsed_s(),
-            "replicas": replicas,
-            "resident": self.resident(),
-            "host_bytes": host,
-        }
+        if self.name == "zero":
+            replicas = {d: n for d, n in replicas.items() if n > 0}
+            self._note_running(replicas)
+        return replicas
+
+    def _note_running(self, replicas: dict[str, int]) -> None:
+        """Count replica starts and the weights loaded at once (`zero`)."""
+        by_deployment = {expert_deployment_name(name): name for name in self.scenario.names}
+        running = {by_deployment[d] for d in replicas if d in by_deployment}
+        sizes = self.scenario.expert_sizes()
+        with self._lock:
+            self.replica_starts += len(running - self._running)
+            self._running = running
+            loaded = sum(sizes[name] for name in running)
+            self._peak_running_bytes = max(self._peak_running_bytes, loaded)
 
     def resident(self) -> list[str]:
+        """The experts the system holds ready now: in the arena (`coe`), loaded in some
+        replica (`multiplex`), with a running replica (`zero`), all (`resident`)."""
         from ray import serve
 
         if self.name == "resident":
             return list(self.scenario.names)
+        if self.name == "zero":
+            self.replicas()
+            with self._lock:
+                return sorted(self._running)
         if self.name == "multiplex":
-            info = serve.get_deployment_handle("multiplexed-experts", APP_NAME).info.remote()
-            return list(info.result(timeout_s=10)["loaded"])
+            return sorted({name for info in self.multiplex_infos() for name in info["loaded"]})
         placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
         device = placement.residency.remote().result(timeout_s=10)["host0"]
-        return [r["expert"] for r in device["residents"]]
+        # One still being copied in is not ready to serve yet.
+        return [r["expert"] for r in device["residents"] if r["ready"]]
+
+    def multiplex_infos(self) -> list[dict[str, Any]]:
+        from benchmarks.multiplex_app import MULTIPLEX_NAME
+
+        return self.replica_infos(MULTIPLEX_NAME, self.scenario.multiplex_replicas)
+
+    def replica_infos(self, deployment: str, replicas: int) -> list[dict[str, Any]]:
+        """`info()` of each replica of `deployment`, the latest answer per process.
+
+        A handle call reaches the replica Serve picks, so several at once reach every
+        replica (Serve spreads them by queue length); one missed keeps its last answer.
+        """
+        from ray import serve
+
+        handle = serve.get_deployment_handle(deployment, APP_NAME)
+        calls = [handle.info.remote() for _ in range(1 if replicas == 1 else 3 * replicas)]
+        answers = [call.result(timeout_s=10) for call in calls]
+        with self._lock:
+            for info in answers:
+                self._infos[(deployment, info.get("pid"))] = info
+            return [info for (name, _), info in self._infos.items() if name == deployment]
 
     def stats(self, requests: int) -> dict[str, Any]:
         """Switches, HBM hit rate and memory; call before `stop`."""
@@ -287,40 +468,52 @@ class RunningSystem:
         scenario = self.scenario
         if self.name == "resident":
             switches, hits = 0, requests
-            device_bytes = scenario.expert_bytes * scenario.experts
+            device_bytes = sum(scenario.expert_sizes().values())
+        elif self.name == "zero":
+            with self._lock:
+                switches, device_bytes = self.replica_starts, self._peak_running_bytes
+            hits = max(0, requests - switches)
         elif self.name == "multiplex":
-            info = serve.get_deployment_handle("multiplexed-experts", APP_NAME).info.remote()
-            found = info.result(timeout_s=10)
-            switches, hits = found["loads"], max(0, found["requests"] - found["loads"])
-            device_bytes = int(found["peak_loaded_bytes"])
+            found = self.multiplex_infos()
+            switches = sum(i["loads"] for i in found)
+            hits = max(0, sum(i["requests"] for i in found) - switches)
+            device_bytes = sum(int(i["peak_loaded_bytes"]) for i in found)
         else:
             placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
             device = placement.metrics.remote().result(timeout_s=10)["devices"]["host0"]
             switches, hits = int(device["switches"]), int(device["hits"])
             device_bytes = scenario.hbm_budget_bytes
         lookups = max(1, switches + hits)
+        peak = self.timeline.peak
         return {
             **self.batching(),
             "switches": switches,
             "hbm_hit_rate": hits / lookups,
             "peak_memory_bytes": device_bytes,
             "peak_host_memory_bytes": self.timeline.peak_host_bytes,
+            "processes": peak.processes,
+            "peak_pss_bytes": peak.pss_bytes,
+            "peak_pss_outside_store_bytes": peak.pss_outside_store_bytes,
+            "peak_pss_outside_store_by_deployment": peak.outside_store_by_deployment,
+            "object_store_bytes": self._object_store_bytes,
         }
 
     def batching(self) -> dict[str, Any]:
         """How the expert replicas batched (warm-up requests included); the multiplex
-        baseline runs every request alone."""
+        baseline runs every request alone, and executors keep no batch counters."""
         from ray import serve
-
-        from cluster.serve.app import expert_deployment_name
 
         if self.name == "multiplex":
             return {"batches": None, "batched_requests": None, "largest_batch": 1}
+        if self.name == "zero" or self.scenario.executor_replicas is not None:
+            # Asking a `zero` expert would start (or wait for) a replica of it.
+            return {"batches": None, "batched_requests": None, "largest_batch": None}
+        names = self.scenario.names
         infos = [
             serve.get_deployment_handle(expert_deployment_name(name), APP_NAME)
             .info.remote()
             .result(timeout_s=10)
-            for name in self.scenario.names
+            for name in names
         ]
         return {
             "batches": sum(i["batches"] for i in infos),
@@ -328,11 +521,15 @@ class RunningSystem:
             "largest_batch": max(i["largest_batch"] for i in infos),
         }
 
+    def executor_infos(self) -> list[dict[str, Any]]:
+        """`info()` of every executor replica (`coe` on executors only)."""
+        return self.replica_infos(EXECUTOR_NAME, self.scenario.executor_replicas or 1)
+
     def stop(self) -> None:
         self._stop.set()
         if self._sampler is not None:
             self._sampler.join(timeout=15)
-        with_arena = self.scenario.config(tiers=True) if self.name == "coe" else None
+        with_arena = self.scenario.system_config("coe") if self.name == "coe" else None
         lifecycle.undeploy(APP_NAME, with_arena)
 
 

@@ -15,7 +15,8 @@ reached through a loopback base URL.
 
 Modules: `workload` (prompts, Zipf popularity, Poisson arrivals, `Workload`), `client`
 (one timed request -> `Outcome`), `driver` (open and closed loops -> `RunResult`),
-`stats` (percentiles, goodput, `summarise`), `plots` (latency CDF, replicas timeline).
+`stats` (percentiles, goodput, `summarise`), `plots` (latency CDF, replicas timeline),
+`memory` (replica processes and their PSS, with and without Ray's object store).
 """
 
 from benchmarks.harness.client import ErrorKind, Outcome, check_loopback, send

@@ -12,7 +12,8 @@ servers ignore it).
 Timing: `ttft_s` is the time to the first SSE chunk whose delta has non-empty content
 (a stream that ends without content, and every non-streaming request, has
 `ttft_s == total_s`). `tokens` is `usage.completion_tokens` when the server reports it,
-else the number of content chunks.
+else the number of content chunks. `text` is the answer (the streamed deltas joined),
+so a benchmark can compare it with a reference; None when the request failed.
 
 Error kinds: `http_429`, `http_4xx`, `http_5xx` (by status), `timeout` (no complete
 answer within `timeout_s`, connecting included), `connection` (refused, reset),
@@ -28,7 +29,7 @@ import ipaddress
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -70,6 +71,7 @@ class Outcome:
     served_by: str | None
     scheduled_s: float | None = None  # the planned send time (open loop)
     error: str | None = None
+    text: str | None = None  # the answer's content (successful requests only)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -124,6 +126,7 @@ class _Progress:
     content_chunks: int = 0
     usage_tokens: int | None = None
     served_by: str | None = None
+    text: list[str] = field(default_factory=list)
 
 
 def _status_kind(status: int) -> ErrorKind:
@@ -198,7 +201,9 @@ async def _read_stream(response: httpx.Response, progress: _Progress) -> None:
         usage = _usage_tokens(chunk)
         if usage is not None:
             progress.usage_tokens = usage
-        if _chunk_content(chunk):
+        content = _chunk_content(chunk)
+        if content:
+            progress.text.append(content)
             progress.content_chunks += 1
             if progress.first_token_at is None:
                 progress.first_token_at = time.monotonic()
@@ -232,6 +237,15 @@ async def _exchange(
         raise _Failure("protocol", "answer has no 'choices' list")
     progress.served_by = progress.served_by or _served_by(answer)
     progress.usage_tokens = _usage_tokens(answer)
+    progress.text.append(_message_content(answer))
+
+
+def _message_content(answer: dict[str, Any]) -> str:
+    """The first choice's message content ('' when it has none)."""
+    choices = answer["choices"]
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 async def send(
@@ -292,4 +306,5 @@ async def send(
         served_by=progress.served_by,
         scheduled_s=planned.at_s,
         error=message[:_MESSAGE_CHARS] if message else None,
+        text="".join(progress.text) if ok else None,
     )

@@ -67,6 +67,9 @@ class RunResult:
     unsent: int  # planned but never sent because the duration bound came first
     peak_in_flight: int
     stopped_by: StopReason
+    # `time.monotonic()` when the run started: an outcome's `started_s` counts from it,
+    # so samples taken beside the run (residency, memory) line up with its requests.
+    start_monotonic: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The scalars (outcomes left out; see `stats.summarise`)."""
@@ -318,6 +321,7 @@ async def run(
         unsent=len(workload) - len(outcomes),
         peak_in_flight=state.peak_in_flight,
         stopped_by=state.stopped_by,
+        start_monotonic=state.start,
     )
 
 

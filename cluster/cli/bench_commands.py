@@ -1,4 +1,4 @@
-"""`coe bench load|compare|ramp|soak`: the load-test harness and benchmarks, from the shell.
+"""`coe bench load|compare|ramp|soak|scale`: the load-test harness and benchmarks, from the shell.
 
 Each subcommand forwards its arguments to the benchmark module of the same name
 (`python -m benchmarks.<name>`), so both spellings take the same options.
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "compare": "coe vs multiplex vs resident under the same load, in one run",
     "ramp": "replicas following a low-high-low load under the expert autoscaling policy",
     "soak": "good, bad and cancelled requests for a while: errors by kind and memory growth",
+    "scale": "150 experts on executors vs multiplex vs scale-to-zero: switches, TTFT, processes",
 }
 
 

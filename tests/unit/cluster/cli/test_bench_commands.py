@@ -1,4 +1,4 @@
-"""`coe bench load|compare|ramp|soak`: arguments, errors, a load run against the HTTP API."""
+"""`coe bench load|compare|ramp|soak|scale`: arguments, errors, a load run against the HTTP API."""
 
 from __future__ import annotations
 
@@ -246,3 +246,13 @@ def test_coe_bench_soak_forwards_to_the_soak(
     with pytest.raises(SystemExit):
         coe_main(["bench", "soak", "--", *argv])
     assert "--duration must be > 0" in capsys.readouterr().err
+
+
+def test_coe_bench_scale_forwards_to_the_scale_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--rate", "0", "--json", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit):
+        coe_main(["bench", "scale", "--", *argv])
+    assert "--rate must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
