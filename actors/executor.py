@@ -18,6 +18,7 @@ allocates or copies itself.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,29 @@ from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import ResidencyReport
 
-EngineFactory = Callable[[str, str, Path, str, str, Any], Engine]
+EngineFactory = Callable[..., Engine]
+# The files a tokenizer is made of: experts whose files are equal share one tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def tokenizer_key(checkpoint_dir: Path) -> str:
+    """What identifies a checkpoint's tokenizer (its files' bytes, not their place)."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = checkpoint_dir / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -75,6 +98,9 @@ class ExpertExecutor:
         self.fetch = fetch
         self.engine_factory = engine_factory
         self.skeletons: dict[str, SharedSkeleton] = {}
+        # (skeleton key, tokenizer key) -> one tokenizer. Shared only within a skeleton,
+        # whose lock serialises every use: a fast tokenizer is not safe across threads.
+        self.tokenizers: dict[tuple[str, str], Any] = {}
         # Skeleton key -> the weights last bound into that skeleton (residency reports).
         self.last_bound: dict[str, TieredWeights] = {}
         self.loads = 0
@@ -93,6 +119,19 @@ class ExpertExecutor:
                 self.skeletons[key] = skeleton
             return skeleton
 
+    def tokenizer_for(self, spec: ExpertSpec, skeleton: SharedSkeleton) -> Any:
+        """The tokenizer of `spec`'s files, loaded once per skeleton: 150 experts made
+        from one base model hold one tokenizer, not 150."""
+        from transformers import AutoTokenizer
+
+        key = (skeleton.key, tokenizer_key(spec.checkpoint_dir))
+        with self._guard:
+            tokenizer = self.tokenizers.get(key)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(str(spec.checkpoint_dir))
+                self.tokenizers[key] = tokenizer
+            return tokenizer
+
     def load(self, spec: ExpertSpec, index: TensorIndex) -> ExecutorExpert:
         """Make `spec` runnable: its engine (tokenizer, chat format) over the shared
         skeleton. No weights move here; they are bound per batch by `run`."""
@@ -105,6 +144,7 @@ class ExpertExecutor:
             spec.dtype,
             spec.chat_format,
             skeleton.model,
+            tokenizer=self.tokenizer_for(spec, skeleton),
         )
         weights = TieredWeights(spec.name, index, self.arena, skeleton, self.fetch)
         with self._guard:

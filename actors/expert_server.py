@@ -30,23 +30,27 @@ def make_engine(
     dtype: str,
     chat_format: str,
     model: Any | None = None,
+    tokenizer: Any | None = None,
 ) -> Engine:
     """Build the configured engine; imports stay lazy so DeepSpeed loads only when used.
 
-    `model`, when given, is served instead of loading the checkpoint's weights.
+    `model`, when given, is served instead of loading the checkpoint's weights;
+    `tokenizer`, when given, instead of loading the checkpoint's tokenizer.
     """
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "chat_format": chat_format,
+        "model": model,
+        "tokenizer": tokenizer,
+    }
     if engine == "deepspeed":
         from actors.engines.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(
-            name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model
-        )
+        return DeepSpeedEngine(name, checkpoint_dir, **options)
     if engine == "transformers":
         from actors.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(
-            name, checkpoint_dir, dtype=dtype, chat_format=chat_format, model=model
-        )
+        return TransformersEngine(name, checkpoint_dir, **options)
     raise ValueError(f"unknown engine {engine!r}; expected 'transformers' or 'deepspeed'")
 
 

@@ -94,17 +94,23 @@ class TransformersEngine:
         chat_format: str = "template",
         device: str | None = None,
         model: Any | None = None,
+        tokenizer: Any | None = None,
     ) -> None:
         """Load `checkpoint_dir`, or serve `model` when given: a model whose weights the
-        memory tiers bind as views into a device arena (the tokenizer still comes from
-        the checkpoint directory)."""
+        memory tiers bind as views into a device arena. The tokenizer comes from the
+        checkpoint directory unless `tokenizer` is given (an executor shares one among
+        experts whose tokenizer files are the same)."""
         validate_checkpoint(checkpoint_dir)
         self.name = name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.chat_format = chat_format
         started = time.monotonic()
         # transformers' auto classes are typed loosely; the engine treats them as Any.
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        self.tokenizer: Any = (
+            tokenizer
+            if tokenizer is not None
+            else AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        )
         if model is None:
             loaded: Any = AutoModelForCausalLM.from_pretrained(
                 str(checkpoint_dir), dtype=DTYPES[dtype], use_safetensors=True

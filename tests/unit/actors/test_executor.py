@@ -129,6 +129,8 @@ def test_an_expert_of_another_architecture_gets_its_own_skeleton(
     experts = {name: executor.load(specs[name], device.indexes[name]) for name in names}
     assert len(executor.skeletons) == 2
     assert experts["alpha"].skeleton is not experts["wide"].skeleton
+    # A tokenizer is never shared across skeletons, whose batches may run at once.
+    assert experts["alpha"].server.engine.tokenizer is not experts["wide"].server.engine.tokenizer
     for name in names + names:
         answer = _answer(executor, experts[name], device.grant(name), PROMPTS[0])
         assert answer == _reference(specs[name], PROMPTS[0])
@@ -159,7 +161,9 @@ def test_each_expert_keeps_its_own_system_prompt_and_tokenizer(
     first = ExpertSpec(name="one", checkpoint_dir=checkpoints["alpha"], system_prompt="w100")
     second = ExpertSpec(name="two", checkpoint_dir=checkpoints["alpha"], system_prompt="w200")
     experts = {s.name: executor.load(s, device.indexes[s.name]) for s in (first, second)}
-    assert experts["one"].server.engine.tokenizer is not experts["two"].server.engine.tokenizer
+    # Same tokenizer files on one skeleton: one tokenizer, used under the skeleton's lock.
+    assert experts["one"].server.engine.tokenizer is experts["two"].server.engine.tokenizer
+    assert len(executor.tokenizers) == 1
     answers = {
         name: _answer(executor, experts[name], device.grant(name), PROMPTS[0])
         for name in ("one", "two", "one")
