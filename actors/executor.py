@@ -18,7 +18,6 @@ allocates or copies itself.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,13 @@ from typing import Any
 
 from actors.engines.base import BatchJob, Engine
 from actors.expert_server import ExpertServer, make_engine
-from actors.weights.tiered_weights import Fetch, SharedSkeleton, TieredWeights, skeleton_key
+from actors.weights.tiered_weights import (
+    Fetch,
+    SharedSkeleton,
+    TieredWeights,
+    files_key,
+    skeleton_key,
+)
 from memory_tiers.arena import DeviceArena
 from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
@@ -50,12 +55,7 @@ TOKENIZER_FILES = (
 
 def tokenizer_key(checkpoint_dir: Path) -> str:
     """What identifies a checkpoint's tokenizer (its files' bytes, not their place)."""
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = checkpoint_dir / name
-        digest.update(name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
-    return digest.hexdigest()[:16]
+    return files_key(checkpoint_dir, TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,19 @@ Fetch = Callable[[Any], np.ndarray]
 SKELETON_FILES = ("config.json", "generation_config.json")
 
 
-def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str) -> str:
-    """Experts with equal keys can share one skeleton (and one engine preparation)."""
-    digest = hashlib.sha256(f"{dtype}\0{engine}\0".encode())
-    for name in SKELETON_FILES:
-        path = checkpoint_dir / name
+def files_key(directory: Path, names: tuple[str, ...], salt: str = "") -> str:
+    """A short digest of `directory`'s files `names` (their bytes, not their place)."""
+    digest = hashlib.sha256(salt.encode())
+    for name in names:
+        path = directory / name
         digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes() if path.is_file() else b"<absent>")
     return digest.hexdigest()[:16]
+
+
+def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str) -> str:
+    """Experts with equal keys can share one skeleton (and one engine preparation)."""
+    return files_key(checkpoint_dir, SKELETON_FILES, f"{dtype}\0{engine}\0")
 
 
 class SharedSkeleton:
