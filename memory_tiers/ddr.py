@@ -130,7 +130,13 @@ class CheckpointSource:
         return pack_module(model.eval())
 
     def describe(self) -> str:
-        return f"checkpoint {self.directory} ({self.dtype})"
+        return expert_source(self.directory, self.dtype)
+
+
+def expert_source(directory: Path, dtype: str) -> str:
+    """How a checkpoint source describes itself: what the placement service and a replica
+    compare to agree on whose bytes a grant carries."""
+    return f"checkpoint {directory} ({dtype})"
 
 
 class CallableSource:

@@ -65,3 +65,9 @@ class SlotWaitTimeout(TierError):
 
 class GrantExpired(TierError):
     """A grant outlived its deadline and was taken back; its bytes may be overwritten."""
+
+
+class SourceChanged(ExpertUnavailable):
+    """A replica asked for an expert's bytes from one source (checkpoint and dtype) while
+    the placement service holds another: a `coe apply` changed the expert and one side
+    has not caught up yet. Never answered with the other source's bytes."""

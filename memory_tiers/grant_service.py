@@ -7,7 +7,10 @@
 - after a restart (the device's arena file survived), replicas report what an earlier
   incarnation granted them; a report is accepted only when the arena still holds
   exactly that expert's bytes, and switches wait out a grace period first so that a
-  reported expert is not overwritten before its report arrives;
+  reported expert is not overwritten before its report arrives. Each binding is judged
+  once (its verdict is kept, and the replica stops reporting it); a release that comes
+  while its report is being judged is applied, not lost; a restored lease nobody gives
+  back ends at the request deadline like any grant;
 - grants are recorded under their holder and, while any is outstanding, the holders
   are checked with a liveness probe: a dead holder's leases and slots are taken back;
 - a grant lives at most `grant_lifetime_s` (the request timeout: no request it serves
@@ -21,17 +24,20 @@ liveness probe and the logger, and serves this class from its placement deployme
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from memory_tiers.arena import Region
 from memory_tiers.ddr import ExpertSource, ObjectStore, Packed
-from memory_tiers.errors import ArenaError, ExpertUnavailable, TierError
+from memory_tiers.errors import ArenaError, ExpertUnavailable, SourceChanged, TierError
 from memory_tiers.grants import Grant, GrantLedger
 from memory_tiers.hbm import Lease
 from memory_tiers.placement import DeviceSpec, ExpertRecord, PlacementService, ResidencyReport
@@ -51,6 +57,17 @@ SLOT_WAIT_S = 120.0
 # Whether the holder reachable through a contact is dead for good. Only a definite
 # answer may say so: a busy or unreachable holder must count as alive.
 HolderProbe = Callable[[Any], Awaitable[bool]]
+
+# What the service answers a residency report. "current": it names this incarnation's
+# own grant (nothing to restore; keep reporting, a later restart needs it). The others
+# settle the binding for good, and its replica stops reporting it: "accepted" (restored),
+# "known" (the expert is resident already), "refused" (the arena does not hold its bytes).
+ReportVerdict = Literal["current", "accepted", "known", "refused"]
+SETTLED_VERDICTS: frozenset[str] = frozenset({"accepted", "known", "refused"})
+# (incarnation, device, expert, generation, offset, nbytes): one binding of a replica.
+BindingKey = tuple[str, str, str, int, int, int]
+# (incarnation, expert, generation, lease id): one lease of an earlier incarnation.
+OldLeaseKey = tuple[str, str, int, int]
 
 
 def arena_survived(device: DeviceSpec) -> bool:
@@ -104,6 +121,18 @@ class GrantService:
         # Experts whose source could not be packed, and why: the others still serve.
         self.broken: dict[str, str] = {}
         self.holder_watch: asyncio.Task[None] | None = None
+        # Restart bookkeeping. Verdicts already given, so that a binding reported every
+        # second costs one byte comparison in all (bounded by the bindings replicas held
+        # at the restart). Leases of earlier incarnations that ended (given back, or
+        # taken back at their deadline), so a report judged later does not restore them.
+        # Restored leases, and when they end if nobody gives them back (their holders
+        # are in no ledger).
+        self.verdicts: dict[BindingKey, ReportVerdict] = {}
+        self.ended_old_leases: set[OldLeaseKey] = set()
+        self.restored_leases: dict[OldLeaseKey, tuple[Lease, float]] = {}
+        # Releases of old leases and restores run on different threads (Serve runs sync
+        # methods off the event loop): one lock orders them.
+        self.restore_lock = threading.Lock()
 
     # -- experts -------------------------------------------------------------------
 
@@ -119,6 +148,8 @@ class GrantService:
         packed: Packed | BaseException | None = None,
     ) -> ExpertRecord | None:
         """Pack `expert` into DDR; None, and the expert unavailable, when that fails.
+        An expert registered already gets the new bytes (its source changed); its old
+        bytes are never granted again.
 
         `origin` names where the bytes come from (e.g. "checkpoint /path") for the
         reason replicas get when they ask for the unavailable expert. `packed` is the
@@ -139,6 +170,31 @@ class GrantService:
         self.broken.pop(expert, None)
         self.logger.info("placement: %s packed into DDR (%d bytes)", expert, record.nbytes)
         return record
+
+    def unregister(self, expert: str) -> None:
+        """Remove `expert` (it left the config): unpinned, evicted once no grant holds it,
+        its DDR copy freed; replicas asking for it get `UnknownExpert`."""
+        self.broken.pop(expert, None)
+        if expert in self.pinned:
+            self.pinned.remove(expert)
+        if self.has_expert(expert):
+            self.placement.unregister(expert)
+            self.logger.info("placement: %s removed", expert)
+
+    def source(self, expert: str) -> str | None:
+        """What `expert`'s bytes were packed from (its source's description), if packed."""
+        return self.placement.record(expert).source if self.has_expert(expert) else None
+
+    def _check_source(self, expert: str, source: str | None) -> None:
+        """Refuse a replica that expects bytes of another source than the packed ones."""
+        if source is None:
+            return
+        packed = self.source(expert)
+        if packed != source:
+            raise SourceChanged(
+                f"expert {expert!r} is being updated: this replica serves {source}, the "
+                f"placement service holds {packed or 'nothing yet'}; retry shortly"
+            )
 
     def start(self) -> None:
         """Begin serving once the first experts are registered. After a restart, grants
@@ -168,10 +224,12 @@ class GrantService:
 
     # -- what replicas call --------------------------------------------------------
 
-    def describe(self, expert: str) -> dict[str, Any]:
+    def describe(self, expert: str, source: str | None = None) -> dict[str, Any]:
         """The arena file (None on a zero-copy device: grants carry the DDR object
-        instead) and the tensor index an expert replica binds against."""
+        instead) and the tensor index an expert replica binds against. `source`: the
+        source the replica was built for; `SourceChanged` when the packed one differs."""
         self._check_available(expert)
+        self._check_source(expert, source)
         index = self.placement.index(expert)
         path = (
             None
@@ -184,12 +242,17 @@ class GrantService:
             "index": index.to_json(),
         }
 
-    async def acquire(self, expert: str, holder: str = "", contact: Any = None) -> Grant:
+    async def acquire(
+        self, expert: str, holder: str = "", contact: Any = None, source: str | None = None
+    ) -> Grant:
         """A grant for one request. `holder` (the replica's id) and `contact` (what the
         liveness probe asks) let the service take the grant back should the replica die
         or hold it past its deadline (`Grant.expires_at`, set only for a holder's grant).
-        Raises `SlotWaitTimeout` when no active slot frees up within `slot_wait_s`."""
+        Raises `SlotWaitTimeout` when no active slot frees up within `slot_wait_s`, and
+        `SourceChanged` when `source` (what the replica was built for) is not what the
+        expert's bytes were packed from: a replica never runs another source's bytes."""
         self._check_available(expert)
+        self._check_source(expert, source)
         await self._after_grace()
         started = time.perf_counter()
         slot = await self.slots.acquire(expert)
@@ -197,6 +260,12 @@ class GrantService:
         try:
             lease = await self.placement.acquire_async(expert, self.device)
         except BaseException:
+            self.slots.release(slot)
+            raise
+        try:
+            self._check_source(expert, source)  # replaced while this request waited
+        except SourceChanged:
+            self._release_lease(lease)
             self.slots.release(slot)
             raise
         expires_at = None
@@ -222,9 +291,7 @@ class GrantService:
         """Give a grant back; False when it had already been taken back (its holder was
         reported dead, or it outlived its deadline), and nothing is released twice."""
         if grant.incarnation != self.incarnation:
-            # Granted by a previous incarnation: its lease came back through a report.
-            self._release_lease(grant.lease)
-            return True
+            return self._release_old_lease(grant)
         held = self.ledger.settle(grant.lease.lease_id)
         if held is None and not self.slots.holds(grant.slot):
             self.logger.warning(
@@ -235,6 +302,22 @@ class GrantService:
             return False
         self._release_slot(grant.slot)
         self._release_lease(grant.lease)
+        return True
+
+    def _release_old_lease(self, grant: Grant) -> bool:
+        """A lease of an earlier incarnation, restored from a report or not (yet): its
+        slot died with that incarnation. One not restored yet is noted as ended, so that
+        a report being judged now does not bring back a lease nobody holds any more."""
+        lease = grant.lease
+        key = (grant.incarnation, lease.expert, lease.generation, lease.lease_id)
+        with self.restore_lock:
+            if key in self.ended_old_leases:
+                return False  # taken back at its deadline, or given back already
+            self.ended_old_leases.add(key)
+            self.restored_leases.pop(key, None)
+            # Not restored (yet) raises TierError: noted above, so it never will be.
+            with contextlib.suppress(TierError):
+                self.placement.release(lease)
         return True
 
     def _release_slot(self, slot: int) -> None:
@@ -258,22 +341,65 @@ class GrantService:
 
     # -- restart -------------------------------------------------------------------
 
-    async def report(self, report: ResidencyReport, incarnation: str) -> bool:
+    async def report(self, report: ResidencyReport, incarnation: str) -> ReportVerdict:
         """A replica says what an earlier incarnation granted it; accepted when the arena
         really holds those bytes. Reports about this incarnation's own grants are news
-        to nobody and are ignored (an evicted expert must stay evicted)."""
+        to nobody and are ignored (an evicted expert must stay evicted). A binding is
+        judged once: its verdict is kept and given again at no cost."""
         if incarnation == self.incarnation:
-            return False
+            return "current"
+        key = (
+            incarnation,
+            report.device,
+            report.expert,
+            report.generation,
+            report.offset,
+            report.nbytes,
+        )
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            verdict = await self._judge(report, incarnation)
+            self.verdicts[key] = verdict
+        return verdict
+
+    async def _judge(self, report: ResidencyReport, incarnation: str) -> ReportVerdict:
         residency = self.placement.residency()[report.device]
         if any(r.expert == report.expert for r in residency.residents):
-            return False
+            return "known"
         if not await asyncio.to_thread(self._holds_expert_bytes, report):
             self.refused_reports += 1
-            return False
-        refused = self.placement.restore_from_reports([report])
+            return "refused"
+        with self.restore_lock:
+            held = [
+                lease_id
+                for lease_id in report.lease_ids
+                if (incarnation, report.expert, report.generation, lease_id)
+                not in self.ended_old_leases
+            ]
+            refused = self.placement.restore_from_reports(
+                [dataclasses.replace(report, lease_ids=tuple(held))]
+            )
+            if not refused:
+                self._expire_restored(report, incarnation, held)
         if refused:
             self.logger.warning("placement: report refused: %s", refused)
-        return not refused
+            return "refused"
+        return "accepted"
+
+    def _expire_restored(
+        self, report: ResidencyReport, incarnation: str, lease_ids: Sequence[int]
+    ) -> None:
+        """Give restored leases the deadline of a grant made now: their holders are in no
+        ledger, so a holder that died or hung would otherwise keep the expert forever."""
+        if self.grant_lifetime_s is None or not lease_ids:
+            return
+        expires_at = self.clock() + self.grant_lifetime_s
+        region = Region(report.offset, report.nbytes)
+        for lease_id in lease_ids:
+            lease = Lease(lease_id, report.expert, report.device, region, report.generation, False)
+            key = (incarnation, report.expert, report.generation, lease_id)
+            self.restored_leases[key] = (lease, expires_at)
+        self._watch_holders()
 
     def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
         if self.placement.zero_copy(report.device):
@@ -296,7 +422,7 @@ class GrantService:
 
     async def _watch_forever(self) -> None:
         """Check deadlines and holders while any grant is outstanding; stop when none is."""
-        while self.ledger.outstanding():
+        while self.ledger.outstanding() or self.restored_leases:
             await asyncio.sleep(self.holder_check_interval_s)
             self.reclaim_expired()
             try:
@@ -307,7 +433,8 @@ class GrantService:
     def reclaim_expired(self) -> int:
         """End every grant past its deadline (lease and slot); returns how many. The
         holder may be alive but hung: whatever it still computes, nobody waits for."""
-        expired = self.ledger.expire(self.clock())
+        now = self.clock()
+        expired = self.ledger.expire(now)
         for held in expired:
             self._release_slot(held.slot)
             self._release_lease(held.lease)
@@ -318,7 +445,21 @@ class GrantService:
                 held.lease.expert,
                 held.holder,
             )
-        return len(expired)
+        return len(expired) + self._expire_restored_leases(now)
+
+    def _expire_restored_leases(self, now: float) -> int:
+        with self.restore_lock:
+            due = [key for key, (_, at) in self.restored_leases.items() if at <= now]
+            leases = [self.restored_leases.pop(key)[0] for key in due]
+            self.ended_old_leases.update(due)
+        for lease in leases:
+            self._release_lease(lease)
+            self.logger.warning(
+                "placement: took back restored lease %d on %s, held past its deadline",
+                lease.lease_id,
+                lease.expert,
+            )
+        return len(leases)
 
     async def reclaim_dead_holders(self) -> int:
         """End every grant whose holder died (lease and slot); returns how many."""

@@ -110,6 +110,9 @@ class HBMCache:
         self.counters = HBMCounters()
         self.reload_bytes_per_s = reload_bytes_per_s
         self._residents: dict[str, _Resident] = {}
+        # Residents whose expert was removed or given new bytes while leased, by (expert,
+        # generation): never leased again, their bytes stay until their last lease ends.
+        self._retired: dict[tuple[str, int], _Resident] = {}
         self._lease_ids = itertools.count(1)
         self._generation = 0
         self._measured_reload: dict[str, float] = {}
@@ -132,7 +135,7 @@ class HBMCache:
 
     def in_use(self) -> bool:
         """Whether any resident is leased: then a release may yet make room."""
-        return any(r.leases for r in self._residents.values())
+        return any(r.leases for r in self._residents.values()) or bool(self._retired)
 
     def resident(self, expert: str) -> ResidentInfo | None:
         found = self._residents.get(expert)
@@ -254,9 +257,16 @@ class HBMCache:
     def release(self, lease: Lease) -> None:
         resident = self._outstanding(lease)
         resident.leases.discard(lease.lease_id)
+        key = (lease.expert, lease.generation)
+        if not resident.leases and self._retired.get(key) is resident:
+            del self._retired[key]  # the last holder of retired bytes is done with them
+            self.allocator.free(resident.region)
+            self.counters.evictions += 1
 
     def _outstanding(self, lease: Lease) -> _Resident:
         resident = self._residents.get(lease.expert)
+        if resident is None or resident.generation != lease.generation:
+            resident = self._retired.get((lease.expert, lease.generation), resident)
         if (
             resident is None
             or resident.generation != lease.generation
@@ -290,15 +300,18 @@ class HBMCache:
         """The copy for ``lease`` failed: drop the resident; returns the leases cancelled."""
         resident = self._outstanding(lease)
         cancelled = sorted(resident.leases)
-        del self._residents[lease.expert]
+        if self._retired.pop((lease.expert, lease.generation), None) is None:
+            del self._residents[lease.expert]
+            self.policy.on_evict(lease.expert)
         self.allocator.free(resident.region)
-        self.policy.on_evict(lease.expert)
         self.counters.failed_switches += 1
         return cancelled
 
     def is_ready(self, expert: str, generation: int) -> bool:
         resident = self._residents.get(expert)
-        return resident is not None and resident.generation == generation and resident.ready
+        if resident is None or resident.generation != generation:
+            resident = self._retired.get((expert, generation))
+        return resident is not None and resident.ready
 
     # -- pinning and explicit eviction ---------------------------------------------
 
@@ -328,6 +341,24 @@ class HBMCache:
         resident = self._residents.get(expert)
         if resident is not None:
             resident.pinned = False
+
+    def retire(self, expert: str) -> bool:
+        """Forget ``expert``'s bytes here: it was removed, or its source changed. Pins go;
+        an idle resident is evicted now (True); a leased one is never leased again and
+        is evicted when its last lease ends (False), so the next acquire of ``expert``
+        switches in its new bytes elsewhere instead of finding the old ones."""
+        resident = self._residents.pop(expert, None)
+        if resident is None:
+            return True
+        self.policy.on_evict(expert)
+        self._measured_reload.pop(expert, None)
+        if resident.leases:
+            resident.pinned = False
+            self._retired[(expert, resident.generation)] = resident
+            return False
+        self.allocator.free(resident.region)
+        self.counters.evictions += 1
+        return True
 
     def evict(self, expert: str) -> None:
         """Evict an idle, unpinned resident now (administration, benchmarks)."""
@@ -365,10 +396,11 @@ class HBMCache:
     # -- invariants (tests) ----------------------------------------------------------
 
     def check_invariants(self) -> None:
-        spans = sum(self.allocator.span(r.region.nbytes) for r in self._residents.values())
+        held = [*self._residents.values(), *self._retired.values()]
+        spans = sum(self.allocator.span(r.region.nbytes) for r in held)
         assert spans == self.used_bytes, (spans, self.used_bytes)
         assert 0 <= self.used_bytes <= self.budget_bytes, self.used_bytes
-        ordered = sorted(self._residents.values(), key=_by_offset)
+        ordered = sorted(held, key=_by_offset)
         for left, right in itertools.pairwise(ordered):
             assert left.region.offset + self.allocator.span(left.region.nbytes) <= (
                 right.region.offset

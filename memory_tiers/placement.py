@@ -140,7 +140,10 @@ class PlacementService:
     ) -> ExpertRecord:
         """Pack ``expert`` (unless ``packed`` is given) into DDR; it may use ``devices``.
 
-        ``ExpertTooLarge`` (nothing stored) if it can never fit one of those devices.
+        Registering an expert again (its source changed) replaces its bytes: its old
+        residents are retired (see ``retire``), so no lease ever hands out the old bytes
+        under the new record. ``ExpertTooLarge`` (nothing changed) if it can never fit
+        one of those devices.
         """
         chosen = tuple(devices) if devices is not None else tuple(sorted(self._specs))
         for device in chosen:
@@ -148,11 +151,32 @@ class PlacementService:
         buffer, index = packed if packed is not None else source.build()
         for device in chosen:
             self._caches[device].check_fits(expert, index.total_bytes)
-        self.ddr.register(expert, source, (buffer, index))
         record = ExpertRecord(expert, index.total_bytes, chosen, source.describe())
         with self._lock:
-            self._experts[expert] = record
+            replacing = expert in self._experts
+            if replacing:  # rare (a config change): the lock keeps old and new apart
+                self._retire_residents(expert)
+                self.ddr.register(expert, source, (buffer, index))
+                self._experts[expert] = record
+        if not replacing:  # the object-store put runs outside the lock
+            self.ddr.register(expert, source, (buffer, index))
+            with self._lock:
+                self._experts[expert] = record
         return record
+
+    def unregister(self, expert: str) -> None:
+        """Remove ``expert``: unpinned, its residents retired (evicted now when idle, else
+        when their last lease ends) and its DDR copy freed. Unknown experts are refused."""
+        with self._lock:
+            self.record(expert)
+            self._retire_residents(expert)
+            del self._experts[expert]
+            self.ddr.unregister(expert)
+
+    def _retire_residents(self, expert: str) -> None:
+        for cache in self._caches.values():
+            cache.retire(expert)
+        self._room.notify_all()  # an idle resident's room is free now
 
     def experts(self) -> list[str]:
         return sorted(self._experts)

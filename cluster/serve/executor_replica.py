@@ -33,6 +33,7 @@ from cluster.serve.placement_client import (
     detach_arena,
     end_jobs_at_expiry,
 )
+from memory_tiers.ddr import expert_source
 from memory_tiers.grant_service import REPORT_INTERVAL_S
 from memory_tiers.packing import TensorIndex
 
@@ -96,6 +97,10 @@ class ExecutorReplica:
                     await self.get_expert(name)
         logger.info("executor configured for %d experts", len(self.settings))
 
+    def _source(self, name: str) -> str:
+        """The bytes an expert is built for here: it never binds or runs another's."""
+        return expert_source(self.checkpoints[name], self.settings[name].dtype)
+
     def _digest(self, name: str) -> str:
         """What an expert's runnable state is built from; a change means a rebuild."""
         settings = self.settings[name]
@@ -106,7 +111,7 @@ class ExecutorReplica:
         if settings is None:
             raise UnknownExpert(f"expert {name!r} does not run on the executor pool")
         digest = self._digest(name)
-        described = await self.placement.call("describe", name)
+        described = await self.placement.describe(name, self._source(name))
         if self.executor is None:
             self.executor = ExpertExecutor(attach_arena(described), fetch=RayObjectStore().get)
         spec = ExpertSpec(
@@ -131,7 +136,7 @@ class ExecutorReplica:
         assert self.executor is not None
         name = expert.spec.name
         async with expert.skeleton.lock:
-            grant = await self.placement.acquire(name)
+            grant = await self.placement.acquire(name, self._source(name))
             deadline = end_jobs_at_expiry(grant, jobs, name)
             self._in_use.add(name)
             try:

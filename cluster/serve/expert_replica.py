@@ -29,6 +29,7 @@ from cluster.serve.placement_client import (
     detach_arena,
     end_jobs_at_expiry,
 )
+from memory_tiers.ddr import expert_source
 from memory_tiers.grant_service import REPORT_INTERVAL_S
 from memory_tiers.packing import TensorIndex
 
@@ -53,13 +54,15 @@ class ExpertReplica:
         settings = ExpertSettings.model_validate(expert)
         self.settings = settings
         self.placement = PlacementClient(placement) if placement is not None else None
+        # The bytes this replica was built for: it never binds or runs another source's.
+        self.source = expert_source(Path(checkpoint_dir), settings.dtype)
         self.weights: TieredWeights | None = None
         self._serial = asyncio.Lock()
         self._in_use = False
         model = None
         grant = None
         if self.placement is not None:
-            described = await self.placement.call("describe", settings.name)
+            described = await self.placement.describe(settings.name, self.source)
             index = TensorIndex.from_json(described["index"])
             self.weights = await asyncio.to_thread(
                 TieredWeights.own,
@@ -71,7 +74,7 @@ class ExpertReplica:
                 attach_arena(described),
                 RayObjectStore().get,
             )
-            grant = await self.placement.acquire(settings.name)
+            grant = await self.placement.acquire(settings.name, self.source)
             self.weights.bind(grant)
             model = self.weights.model
         try:
@@ -113,7 +116,7 @@ class ExpertReplica:
             yield
             return
         async with self._serial:
-            grant = await self.placement.acquire(self.settings.name)
+            grant = await self.placement.acquire(self.settings.name, self.source)
             deadline = end_jobs_at_expiry(grant, jobs, self.settings.name)
             try:
                 self.weights.bind(grant)

@@ -20,8 +20,10 @@ from ray.serve.handle import DeploymentHandle
 from actors.engines.base import BatchJob
 from memory_tiers.arena import DeviceArena
 from memory_tiers.arena_files import remove_unused
-from memory_tiers.errors import GrantExpired
+from memory_tiers.errors import GrantExpired, SourceChanged
+from memory_tiers.grant_service import SETTLED_VERDICTS
 from memory_tiers.grants import Grant
+from memory_tiers.placement import ResidencyReport
 
 logger = logging.getLogger("ray.serve")
 # How long a replica keeps retrying while the placement service restarts.
@@ -78,14 +80,15 @@ def detach_arena(arena: DeviceArena) -> None:
 class PlacementClient:
     """The placement service as one replica sees it: calls retried across its restart."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        import ray
-
+    def __init__(self, handle: DeploymentHandle, holder: tuple[str, Any] | None = None) -> None:
         self.handle = handle
-        context = ray.get_runtime_context()
         # Who holds this replica's grants: the placement service takes them back if
         # this replica's actor dies (or hangs past a grant's deadline) while holding one.
-        self.holder: tuple[str, Any] = (context.get_actor_id() or "", context.current_actor)
+        self.holder: tuple[str, Any] = holder if holder is not None else _this_actor()
+        # Bindings of earlier incarnations the service has judged: never reported again
+        # (a binding only serves grants of its own incarnation, so once judged, nothing
+        # about it can change; a replica idle for days must not keep asking).
+        self.settled: set[tuple[str, str, int, int]] = set()
 
     async def call(self, method: str, *args: Any) -> Any:
         """Call the placement service, riding out its restart (Serve replaces it)."""
@@ -98,8 +101,25 @@ class PlacementClient:
                     raise
                 await asyncio.sleep(0.5)
 
-    async def acquire(self, expert: str) -> Grant:
-        grant: Grant = await self.call("acquire", expert, *self.holder)
+    async def describe(self, expert: str, source: str) -> dict[str, Any]:
+        """What `expert`'s replica binds against, once the service holds the bytes of
+        `source`: after a `coe apply` that changed the expert, the new replica may ask
+        before the service has repacked it, and waits (bounded) rather than bind the old
+        bytes."""
+        deadline = time.monotonic() + PLACEMENT_RETRY_S
+        while True:
+            try:
+                described: dict[str, Any] = await self.call("describe", expert, source)
+                return described
+            except SourceChanged:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def acquire(self, expert: str, source: str | None = None) -> Grant:
+        """A grant for one request on bytes of `source` (`SourceChanged` if the service
+        holds another source's: this replica is being replaced)."""
+        grant: Grant = await self.call("acquire", expert, *self.holder, source)
         return grant
 
     async def give_back(self, grant: Grant) -> None:
@@ -112,11 +132,25 @@ class PlacementClient:
                 grant.lease.lease_id,
             )
 
-    async def report(self, report: Any, incarnation: str) -> None:
-        """One residency report; a restarting service misses it (the next one counts)."""
+    async def report(self, report: ResidencyReport, incarnation: str) -> None:
+        """One residency report, unless the service judged this binding already; a
+        restarting service misses it (the next one counts)."""
+        key = (incarnation, report.expert, report.generation, report.offset)
+        if key in self.settled:
+            return
         try:
-            await self.handle.report.remote(report, incarnation)
+            verdict = await self.handle.report.remote(report, incarnation)
         except RayActorError:
-            pass
+            return
         except Exception as error:  # keep reporting, but let the failure be seen
             logger.warning("residency report for %s failed: %s", report.expert, error)
+            return
+        if verdict in SETTLED_VERDICTS:
+            self.settled.add(key)
+
+
+def _this_actor() -> tuple[str, Any]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return (context.get_actor_id() or "", context.current_actor)

@@ -30,8 +30,8 @@ from cluster.serve.metrics import TierMetrics
 from cluster.serve.object_store import RayObjectStore
 from memory_tiers.arena_files import remove_stale, remove_unused
 from memory_tiers.bulk_packing import PackOutcome, pack_many
-from memory_tiers.ddr import CheckpointSource, ObjectStore
-from memory_tiers.grant_service import GrantService, HolderProbe
+from memory_tiers.ddr import CheckpointSource, ObjectStore, expert_source
+from memory_tiers.grant_service import GrantService, HolderProbe, ReportVerdict
 from memory_tiers.grants import Grant
 from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
 
@@ -126,8 +126,17 @@ class PlacementReplica:
     def _pack_new(
         self, grants: GrantService, settings: CoEConfig, checkpoints: dict[str, Path]
     ) -> None:
-        """Pack the experts not in DDR yet: each checkpoint read once, a few at a time."""
-        new = [e for e in settings.experts if not grants.has_expert(e.name)]
+        """Bring DDR in line with the config: remove the experts it no longer names, and
+        pack the new ones and those whose checkpoint or dtype changed (their old bytes
+        are never granted again), each checkpoint read once."""
+        named = {e.name for e in settings.experts}
+        for gone in sorted({*grants.placement.experts(), *grants.broken} - named):
+            grants.unregister(gone)
+        new = [
+            e
+            for e in settings.experts
+            if grants.source(e.name) != expert_source(checkpoints[e.name], e.dtype)
+        ]
         if not new:
             return
         sources = {e.name: CheckpointSource(checkpoints[e.name], e.dtype) for e in new}
@@ -204,14 +213,17 @@ class PlacementReplica:
 
     # -- what replicas call --------------------------------------------------------
 
-    def describe(self, expert: str) -> dict[str, Any]:
+    def describe(self, expert: str, source: str | None = None) -> dict[str, Any]:
         """The arena file and tensor index an expert replica binds against."""
-        return self._require().describe(expert)
+        return self._require().describe(expert, source)
 
-    async def acquire(self, expert: str, holder: str = "", contact: Any = None) -> Grant:
+    async def acquire(
+        self, expert: str, holder: str = "", contact: Any = None, source: str | None = None
+    ) -> Grant:
         """A grant for one request. `holder` (the replica's actor id) and `contact` (its
-        actor handle) let the service take the grant back should the replica die."""
-        return await self._require().acquire(expert, holder, contact)
+        actor handle) let the service take the grant back should the replica die;
+        `source` is what the replica was built for (see GrantService.acquire)."""
+        return await self._require().acquire(expert, holder, contact, source)
 
     def release(self, grant: Grant) -> bool:
         """Give a grant back; False when it had already been taken back (see
@@ -225,7 +237,7 @@ class PlacementReplica:
         self._publish_tier_metrics()
         return copied
 
-    async def report(self, report: ResidencyReport, incarnation: str) -> bool:
+    async def report(self, report: ResidencyReport, incarnation: str) -> ReportVerdict:
         """A replica says what an earlier incarnation granted it (see GrantService.report)."""
         return await self._require().report(report, incarnation)
 

@@ -274,13 +274,17 @@ def test_a_restart_accepts_only_reports_of_the_bytes_the_arena_still_holds(
     async def scenario() -> None:
         # Not held by the arena: b was never switched in; a region beyond the arena; a size
         # that is not the expert's.
-        assert not await second.report(ResidencyReport("b", DEVICE, 0, NBYTES, 1), "old")
-        assert not await second.report(ResidencyReport("a", DEVICE, 3 * NBYTES, NBYTES, 1), "old")
-        assert not await second.report(ResidencyReport("a", DEVICE, 0, NBYTES - 1, 1), "old")
+        refused = [
+            ResidencyReport("b", DEVICE, 0, NBYTES, 1),
+            ResidencyReport("a", DEVICE, 3 * NBYTES, NBYTES, 1),
+            ResidencyReport("a", DEVICE, 0, NBYTES - 1, 1),
+        ]
+        for report in refused:
+            assert await second.report(report, "old") == "refused"
         assert second.refused_reports == 3
-        assert not await second.report(reported, second.incarnation)  # its own: ignored
-        assert await second.report(reported, first.incarnation)
-        assert not await second.report(reported, first.incarnation)  # resident already
+        assert await second.report(reported, second.incarnation) == "current"  # its own
+        assert await second.report(reported, first.incarnation) == "accepted"
+        assert await second.report(reported, "older") == "known"  # resident already
         assert _in_use(second) == {"a": 1}
         # Requests wait out the grace; then the pinned expert is switched in.
         grant = await second.acquire("c")
@@ -353,12 +357,19 @@ def test_a_grant_past_its_deadline_is_taken_back_from_a_live_holder(tmp_path: Pa
 def test_the_watcher_frees_a_hung_holders_slot_for_the_next_request(tmp_path: Path) -> None:
     """Both slots held by replicas that stay alive and never release: the third request
     gets a slot once their grants' deadline passes."""
-    grants = _grants(tmp_path, grant_lifetime_s=0.2, holder_check_interval_s=0.01)
+    clock = _Clock()  # both deadlines pass at one moment, however slow the machine
+    grants = _grants(tmp_path, grant_lifetime_s=30.0, holder_check_interval_s=0.01, clock=clock)
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        clock.now += 31
 
     async def scenario() -> None:
         await grants.acquire("a", "replica-1", "contact-1")
         await grants.acquire("b", "replica-2", "contact-2")
+        passing = asyncio.create_task(later())
         third = await asyncio.wait_for(grants.acquire("c", "replica-3", "contact-3"), 5)
+        await passing
         assert grants.ledger.expired == 2 and grants.ledger.outstanding() == 1
         assert grants.release(third) is True
 

@@ -245,3 +245,36 @@ def test_lease_accounting_is_never_over_budget_or_negative(
         for lease in held:
             info = cache.resident(lease.expert)
             assert info is not None and info.in_use >= 1
+
+
+def test_a_retired_idle_expert_is_evicted_at_once() -> None:
+    cache = HBMCache("d0", 2 * UNIT, "lru")
+    _use(cache, "a", 0)
+    cache.pin("a")
+    assert cache.retire("a") is True
+    assert cache.residents() == [] and cache.used_bytes == 0
+    assert cache.retire("never-resident") is True
+
+
+def test_a_retired_leased_expert_keeps_its_bytes_until_its_last_lease_ends() -> None:
+    cache = HBMCache("d0", 2 * UNIT, "lru")
+    old = cache.acquire("a", UNIT, 0)
+    cache.mark_ready(old, 0.001)
+    second = cache.acquire("a", UNIT, 1)
+    assert cache.retire("a") is False  # its new bytes must not be found in the old place
+    fresh = cache.acquire("a", UNIT, 2)
+    assert fresh.needs_copy and fresh.region != old.region
+    assert fresh.generation != old.generation
+    cache.mark_ready(fresh, 0.001)
+    cache.check_invariants()
+    assert cache.in_use() and cache.used_bytes == 2 * UNIT
+    with pytest.raises(BudgetExceeded):  # the retired bytes still hold their room
+        cache.acquire("b", UNIT, 3)
+    cache.release(old)
+    cache.release(second)  # the last holder of the old bytes: they go now
+    with pytest.raises(LeaseError):
+        cache.release(second)
+    cache.release(fresh)
+    cache.check_invariants()
+    assert cache.residents() == ["a"] and cache.used_bytes == UNIT
+    assert _use(cache, "b", 4).needs_copy  # the room the old bytes held is free again

@@ -1,9 +1,11 @@
-"""The expert replica's side of a grant deadline: unfinished jobs end when it passes."""
+"""The replica's side of the placement protocol: unfinished jobs end at a grant's
+deadline; residency reports stop once the service judged them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from actors.engines.base import BatchJob, ChatMessage, GenerationRequest, StreamChunk
 from cluster.serve.placement_client import end_jobs_at_expiry
@@ -11,6 +13,7 @@ from memory_tiers.arena import Region
 from memory_tiers.errors import GrantExpired
 from memory_tiers.grants import Grant
 from memory_tiers.hbm import Lease
+from memory_tiers.placement import ResidencyReport
 
 
 def _grant(expires_at: float | None) -> Grant:
@@ -63,3 +66,47 @@ def test_a_batch_that_ends_in_time_or_a_grant_without_deadline_is_left_alone() -
 
     asyncio.run(scenario())
     assert received == [] and not jobs[0].cancellation.cancelled
+
+
+class _Method:
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def remote(self, *args: Any) -> Any:
+        self.calls.append(args)
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+class _Handle:
+    def __init__(self, answers: list[Any]) -> None:
+        self.report = _Method(answers)
+
+
+def test_a_replica_stops_reporting_a_binding_once_the_service_judged_it() -> None:
+    from cluster.serve.placement_client import PlacementClient
+
+    handle = _Handle(["current", "current", RuntimeError("restarting"), "accepted", "refused"])
+    client = PlacementClient(handle, holder=("replica-1", None))  # type: ignore[arg-type]
+    ours = ResidencyReport("a", "host0", 0, 64, 3)
+    older = ResidencyReport("b", "host0", 64, 64, 1)
+
+    async def scenario() -> None:
+        # Bound to the running incarnation: reported every time (a later restart needs it).
+        await client.report(ours, "now")
+        await client.report(ours, "now")
+        # An earlier incarnation's binding: reported until judged (a failed call does
+        # not count), then never again.
+        await client.report(older, "before")
+        await client.report(older, "before")
+        for _ in range(3):
+            await client.report(older, "before")
+        # The same expert bound again later (another generation) is a new binding.
+        await client.report(ResidencyReport("b", "host0", 64, 64, 2), "before")
+
+    asyncio.run(scenario())
+    assert [call[1] for call in handle.report.calls] == ["now", "now", "before", "before", "before"]
+    assert handle.report.answers == []

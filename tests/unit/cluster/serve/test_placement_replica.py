@@ -20,8 +20,8 @@ from cluster.config import parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.placement_replica import PlacementReplica, actor_is_dead, arena_path
 from memory_tiers.arena import DeviceArena
-from memory_tiers.ddr import InProcessObjectStore
-from memory_tiers.errors import ExpertUnavailable
+from memory_tiers.ddr import InProcessObjectStore, expert_source
+from memory_tiers.errors import ExpertUnavailable, SourceChanged, UnknownExpert
 from memory_tiers.packing import checkpoint_nbytes
 from tests.unit.cluster.serve.test_metrics import FakeMetrics, tags
 
@@ -289,3 +289,69 @@ def test_by_default_a_cpu_device_binds_experts_in_the_object_store(tmp_path: Pat
     assert device["switches"] == 2 and device["evictions"] == 1
     assert [r["expert"] for r in replica.residency()["host0"]["residents"]] == ["b"]
     replica.__del__()
+
+
+def _apply(replica: PlacementReplica, data: dict[str, Any]) -> None:
+    checkpoints = {e["name"]: e["checkpoint"] for e in data["experts"]}
+    replica.reconfigure({"config": data, "checkpoints": checkpoints})
+
+
+def test_an_apply_that_changes_an_experts_checkpoint_or_dtype_repacks_it(tmp_path: Path) -> None:
+    replica = _replica(tmp_path)
+    grants = replica._require()
+    old_a = expert_source(tmp_path / "a", "float32")
+    held = asyncio.run(grants.acquire("a", "replica-1", "contact-1", old_a))  # in flight
+    old_bytes = grants.placement.ddr_buffer("a").copy()
+
+    data = _config_data(tmp_path, torn=False)
+    data["experts"][0]["checkpoint"] = str(_checkpoint(tmp_path / "a-retrained", 7))
+    data["experts"][1]["dtype"] = "bfloat16"
+    _apply(replica, data)
+
+    new_a = expert_source(tmp_path / "a-retrained", "float32")
+    assert grants.source("a") == new_a
+    assert grants.source("b") == expert_source(tmp_path / "b", "bfloat16")
+    assert grants.source("c") == expert_source(tmp_path / "c", "float32")  # untouched
+    assert replica._require() is grants  # same arena, same incarnation
+    with pytest.raises(SourceChanged, match="being updated"):
+        asyncio.run(grants.acquire("a", "replica-1", "contact-1", old_a))
+    with pytest.raises(SourceChanged):
+        grants.describe("a", old_a)
+
+    async def fresh() -> Any:
+        grant = await grants.acquire("a", "replica-2", "contact-2", new_a)
+        grants.release(grant)
+        return grant
+
+    grant = asyncio.run(fresh())
+    # The new bytes were switched in beside the old ones, still held by the old grant.
+    assert grant.lease.needs_copy and grant.lease.generation != held.lease.generation
+    arena = grants.placement.arena("host0")
+    assert np.array_equal(arena.host_view(grant.lease.region), grants.placement.ddr_buffer("a"))
+    assert not np.array_equal(
+        arena.host_view(held.lease.region), arena.host_view(grant.lease.region)
+    )
+    assert np.array_equal(arena.host_view(held.lease.region), old_bytes)  # not overwritten
+    assert grants.release(held) is True  # the old bytes go with their last grant
+    cache = grants.placement._caches["host0"]
+    cache.check_invariants()
+    assert [r["expert"] for r in grants.residency()["host0"]["residents"]] == ["a"]
+
+
+def test_an_apply_that_removes_an_expert_unregisters_and_unpins_it(tmp_path: Path) -> None:
+    replica = _replica(tmp_path)
+    grants = replica._require()
+    grants.pin("b")
+    stored = len(grants.placement.ddr.store)  # type: ignore[arg-type]
+    data = _config_data(tmp_path, torn=False)
+    data["experts"] = [e for e in data["experts"] if e["name"] != "b"]
+    _apply(replica, data)
+    assert grants.placement.experts() == ["a", "c"]
+    assert "b" not in [r["expert"] for r in grants.residency()["host0"]["residents"]]
+    assert len(grants.placement.ddr.store) == stored - 1  # type: ignore[arg-type]
+    with pytest.raises(UnknownExpert):
+        asyncio.run(grants.acquire("b", "replica-1", "contact-1"))
+    # Added back later, it is packed again and served.
+    _apply(replica, _config_data(tmp_path, torn=False))
+    grant = asyncio.run(grants.acquire("b", "replica-1", "contact-1"))
+    assert grants.release(grant) is True
