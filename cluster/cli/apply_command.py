@@ -1,7 +1,10 @@
 """`coe apply`: push a changed config to a running cluster.
 
 Serve updates only what changed: unchanged experts, and an ingress whose arguments are
-the same, keep running. Who may call the cluster never changes by accident: the key
+the same, keep running. The apply waits, up to `--timeout`, until the application runs
+the new config; a config that validates but cannot deploy (a replica that fails to
+start, or can never be placed) fails the command with the deployments concerned, and
+never holds it forever. Who may call the cluster never changes by accident: the key
 comes from the applying shell (`serve.api_key_env`), so an operator without it set
 would turn authentication off. An apply that would turn it off, turn it on or change
 the key says so and refuses unless `--change-api-key` is given.
@@ -21,6 +24,19 @@ from cluster.ingress.auth import key_fingerprint
 
 INGRESS = "ingress"
 CHANGE_FLAG = "--change-api-key"
+# Long enough for new experts to be packed and their replicas to start on a slow node.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive, finite number of seconds")
+    return value
 
 
 def api_key_change(running: str | None, applied: str | None, key_env: str | None) -> str | None:
@@ -65,6 +81,8 @@ def check_key_change(config: CoEConfig, allowed: bool) -> None:
 
 def _apply(args: argparse.Namespace) -> int:
     from cluster.serve import lifecycle
+    from cluster.serve.app import build_app
+    from cluster.serve.rollout import RolloutFailed, deploy_and_wait
     from cluster.setup_steps import prepare_checkpoints
 
     config = load_config(args.config)
@@ -76,7 +94,17 @@ def _apply(args: argparse.Namespace) -> int:
         check_key_change(config, args.change_api_key)
         checkpoints = prepare_checkpoints(config, progress=say)
         say(f"applying {args.config} to application {config.serve.app_name!r}")
-        lifecycle.deploy(config, checkpoints)
+        try:
+            deploy_and_wait(
+                build_app(config, checkpoints),
+                config.serve.app_name,
+                config.serve.route_prefix,
+                args.timeout,
+                progress=say,
+            )
+        except RolloutFailed as error:
+            say(f"error: {error}")
+            return 1
         say("applied: the router reconfigured in place; unchanged experts kept running")
     return 0
 
@@ -89,6 +117,14 @@ def add_apply_command(commands: Any) -> None:
     )
     apply.add_argument("config", help="config YAML")
     apply.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    apply.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for the application to run the new config; past it the "
+        "apply fails naming the deployments still starting and why (they keep trying; "
+        f"unchanged deployments keep serving). Default {DEFAULT_TIMEOUT_S:g}",
+    )
     apply.add_argument(
         CHANGE_FLAG,
         action="store_true",

@@ -137,3 +137,16 @@ def deployment_config(deployment: Deployment) -> Any:
     `max_constructor_retry_count`).
     """
     return deployment._deployment_config
+
+
+def run_without_waiting(application: Application, name: str, route_prefix: str | None) -> None:
+    """Hand `application` to Serve as `name` and return at once, not when it runs.
+
+    Relies on: `ray.serve.api._run(..., _blocking=False)`, what the public `serve.run`
+    calls with `_blocking=True`. Needed because `serve.run` waits without a bound for the
+    application to run: a replica that can never be placed (a resource no node has)
+    would hold `coe apply` forever. The caller waits itself, with a deadline.
+    """
+    from ray.serve.api import _run
+
+    _run(application, _blocking=False, name=name, route_prefix=route_prefix)
