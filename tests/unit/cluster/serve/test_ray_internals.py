@@ -81,3 +81,12 @@ def test_what_needs_a_cluster_still_names_existing_functions() -> None:
     assert callable(internal_api.get_memory_info_reply)
     assert callable(context._get_global_client)
     assert callable(ServeControllerClient.get_serve_details)
+
+
+def test_serves_non_blocking_run_still_takes_its_blocking_flag() -> None:
+    import inspect
+
+    from ray.serve.api import _run
+
+    parameters = inspect.signature(_run).parameters
+    assert {"_blocking", "name", "route_prefix"} <= set(parameters)
