@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from actors.weights.build_lock import DEFAULT_WAIT_S
 from actors.weights.checkpoint import CheckpointError
 from cluster.cli.apply_command import add_apply_command
 from cluster.cli.bench_commands import add_bench_commands
@@ -34,10 +35,20 @@ def _demo_build(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     sources = args.source or sorted({e.demo_source for e in config.experts if e.demo_source})
-    built = build_demo(config.resolved_cache_dir(), sources, say)
+    built = build_demo(config.resolved_cache_dir(), sources, say, args.wait_timeout)
     for name, directory in built.items():
         say(f"{name}: {directory}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -66,6 +77,13 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--config", default=DEFAULT_CONFIG, help="config naming the cache dir")
     build.add_argument(
         "--source", action="append", choices=DEMO_SOURCES, help="only this source (repeatable)"
+    )
+    build.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help="longest wait for another build of the same cache (default: %(default)gs)",
     )
     build.set_defaults(run=_demo_build)
 
