@@ -23,8 +23,22 @@ PIP := $(PY) -m pip install -q --no-compile
 # Re-run only when the dependency list changes; a current .venv is reused as it is.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || { echo "[setup] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@# CUDA: the CPU branch's pin (on Linux, PyPI's default torch wheel is the CUDA build),
+	@# then say whether torch can use the GPU and what DeepSpeed's op build needs; both
+	@# only warn, as engines then run on the CPU and DeepSpeed goes without its kernels.
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "[setup] CUDA found: installing torch with CUDA"; $(PIP) "torch>=2.4"; \
+		echo "[setup] CUDA found: installing torch==2.13.0 (its CUDA build)"; $(PIP) torch==2.13.0; \
+		$(PY) -W ignore -c "import torch; torch.cuda.is_available() or print( \
+			f'[setup] WARNING: nvidia-smi sees a GPU but torch {torch.__version__} (CUDA ' \
+			f'{torch.version.cuda}) cannot use it: torch.cuda.is_available() is False; check ' \
+			'that the NVIDIA driver supports that CUDA. Engines will run on the CPU.')"; \
+		TORCH_CUDA=$$($(PY) -W ignore -c "import torch; print(torch.version.cuda)"); \
+		if command -v nvcc >/dev/null 2>&1; then \
+			NVCC_CUDA=$$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'); \
+			echo "[setup] DeepSpeed builds its ops with nvcc: nvcc is CUDA $$NVCC_CUDA, torch.version.cuda is $$TORCH_CUDA (they must match)"; \
+		else \
+			echo "[setup] DeepSpeed's JIT-built ops need the CUDA toolkit matching torch.version.cuda ($$TORCH_CUDA) with nvcc on PATH; no nvcc found"; \
+		fi; \
 	else \
 		echo "[setup] no CUDA: installing the CPU build torch==2.13.0 first"; $(PIP) torch==2.13.0; \
 	fi

@@ -4,10 +4,19 @@
 (DeepSpeed's fused transformer kernels) is used for the architectures DeepSpeed
 has injection policies for; everywhere else the model is wrapped without
 injection, which generates the same tokens as plain transformers.
+
+A model the engine is given (a tiered one, whose tensors are views into host memory
+the tiers manage) is wrapped only where DeepSpeed keeps it where it is, i.e. when
+DeepSpeed's accelerator is the CPU. On a GPU machine `init_inference` moves the module
+to `cuda:0` (or fills a meta skeleton with fresh CUDA memory), replacing those
+views with private copies, and kernel injection swaps the very modules the skeleton
+binds into; there the given model is served as it is, without DeepSpeed (the same
+tokens a non-injected wrap generates), and the engine says so in the log.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,9 +31,19 @@ KERNEL_INJECTION_TYPES = frozenset(
 # Set on a module once DeepSpeed has wrapped it (value: whether kernels were injected).
 PREPARED_MARK = "_coe_deepspeed_kernel_injection"
 
+logger = logging.getLogger(__name__)
+
 
 def kernel_injection_supported(model_type: str, cuda: bool) -> bool:
     return cuda and model_type in KERNEL_INJECTION_TYPES
+
+
+def init_inference_device() -> str:
+    """The device type `deepspeed.init_inference` puts a module on: its accelerator's
+    (CUDA wherever DeepSpeed finds a GPU, unless DS_ACCELERATOR says otherwise)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return str(get_accelerator().device_name())
 
 
 class DeepSpeedEngine(TransformersEngine):
@@ -39,9 +58,25 @@ class DeepSpeedEngine(TransformersEngine):
         if prepared is not None:
             self.kernel_injection = bool(prepared)
             return model
+        if not self.owns_model:
+            target = init_inference_device()
+            if target != "cpu":
+                # Wrapping would move the arena's views to private copies on `target`
+                # (see the module docstring); serving the model unwrapped keeps it where
+                # the tiers bind it. Not marked: nothing was done to the shared module.
+                logger.warning(
+                    "expert %r: DeepSpeed would move its tiered model to %s; serving it "
+                    "where its weights are, without DeepSpeed",
+                    self.name,
+                    target,
+                )
+                self.kernel_injection = False
+                return model
         import deepspeed
 
-        self.kernel_injection = kernel_injection_supported(
+        # Injection replaces modules; a given model's modules are the skeleton's binding
+        # points (and on the CPU there are no fused kernels anyway).
+        self.kernel_injection = self.owns_model and kernel_injection_supported(
             model.config.model_type, torch.cuda.is_available()
         )
         wrapped = deepspeed.init_inference(

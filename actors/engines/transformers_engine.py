@@ -1,5 +1,10 @@
 """The plain transformers engine: one causal LM on one device.
 
+An engine runs where its model's weights are: every input and generation tensor it
+makes goes to the device of the model's parameters at that moment. A model it is given
+(a tiered one: views into the arena, bound per batch) is never moved; only a model the
+engine loads itself is placed, on CUDA when there is one.
+
 One generation runs at a time per engine (the lock is the device's active slot);
 Serve queues the rest. Streaming runs `generate` on a worker thread that feeds a
 `TextIteratorStreamer`; a cancelled stream stops generation at the next token.
@@ -46,6 +51,21 @@ PLAIN_STOPS = ("\nUser:", "\nAssistant:")
 # A tokenizer that does not know its model's window says VERY_LARGE_INTEGER (1e30);
 # no model has a window anywhere near this, so a larger model_max_length means unknown.
 SANE_MODEL_MAX_LENGTH = 10_000_000
+
+
+def default_device() -> str:
+    """Where an engine puts a model it loads itself: CUDA when there is one, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_device(model: Any) -> torch.device:
+    """Where `model`'s weights are now: its first parameter's device (its first buffer's
+    for a model without parameters; CPU for one with neither)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def context_length_of(config: Any, tokenizer: Any) -> int | None:
@@ -99,11 +119,22 @@ class TransformersEngine:
         """Load `checkpoint_dir`, or serve `model` when given: a model whose weights the
         memory tiers bind as views into a device arena. The tokenizer comes from the
         checkpoint directory unless `tokenizer` is given (an executor shares one among
-        experts whose tokenizer files are the same)."""
+        experts whose tokenizer files are the same).
+
+        `device` is where a loaded model goes (default: `default_device()`); a given
+        model stays where it is, so `device` cannot be given with one.
+        """
         validate_checkpoint(checkpoint_dir)
+        if model is not None and device is not None:
+            raise ValueError(
+                f"expert {name!r}: a given model runs where its weights are; "
+                f"device={device!r} applies only to a model the engine loads"
+            )
         self.name = name
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.chat_format = chat_format
+        # Whether the model is the caller's: a tiered model's tensors are views into the
+        # arena, which moving (or wrapping, see DeepSpeedEngine) would replace by copies.
+        self.owns_model = model is None
         started = time.monotonic()
         # transformers' auto classes are typed loosely; the engine treats them as Any.
         self.tokenizer: Any = (
@@ -115,7 +146,7 @@ class TransformersEngine:
             loaded: Any = AutoModelForCausalLM.from_pretrained(
                 str(checkpoint_dir), dtype=DTYPES[dtype], use_safetensors=True
             )
-            model = loaded.to(self.device)
+            model = loaded.to(device or default_device())
         self.model = self._prepare(model.eval(), DTYPES[dtype])
         self.context_length = context_length_of(self.model.config, self.tokenizer)
         self.load_seconds = time.monotonic() - started
@@ -125,6 +156,24 @@ class TransformersEngine:
     def _prepare(self, model: Any, dtype: torch.dtype) -> Any:
         """Hook for engines that wrap the loaded model (DeepSpeed)."""
         return model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are now. Read per request, not fixed at start: an
+        executor builds the engine over a meta-device skeleton and binds an expert's
+        arena region into it only before each batch, and the arena is host memory even
+        on a machine with a GPU."""
+        return model_device(self.model)
+
+    def _input_device(self) -> torch.device:
+        """The device inputs go to; a skeleton not bound yet has no memory to run on."""
+        device = self.device
+        if device.type == "meta":
+            raise RuntimeError(
+                f"expert {self.name!r}: its model's weights are not bound to memory "
+                "(still on the meta device); bind a grant before generating"
+            )
+        return device
 
     # -- prompt -------------------------------------------------------------------
 
@@ -143,7 +192,8 @@ class TransformersEngine:
             inputs = self.encode(request.messages)
         else:
             encoded: Any = self.tokenizer(request.prompt, return_tensors="pt")
-            inputs = {key: value.to(self.device) for key, value in encoded.items()}
+            device = self._input_device()
+            inputs = {key: value.to(device) for key, value in encoded.items()}
         self._check_context(request, int(inputs["input_ids"].shape[1]))
         return inputs
 
@@ -163,7 +213,8 @@ class TransformersEngine:
             )
         else:
             encoded = self.tokenizer(plain_transcript(messages), return_tensors="pt")
-        return {key: value.to(self.device) for key, value in encoded.items()}
+        device = self._input_device()
+        return {key: value.to(device) for key, value in encoded.items()}
 
     @property
     def pad_token_id(self) -> int:
@@ -334,9 +385,10 @@ class TransformersEngine:
             self._eos_ids(),
             self.answer_text,
         )
+        device = self._input_device()
         kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
             "max_new_tokens": max(job.request.max_tokens for job in jobs),
             "pad_token_id": self.pad_token_id,
             "streamer": rows,
@@ -371,6 +423,9 @@ class TransformersEngine:
         return frozenset([configured] if isinstance(configured, int) else configured)
 
     def close(self) -> None:
+        # Only an engine whose model was on a GPU has cached GPU blocks to hand back; a
+        # host-bound (tiered) model on a GPU machine must not touch CUDA at all.
+        on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = None
-        if torch.cuda.is_available():
+        if on_cuda:
             torch.cuda.empty_cache()
