@@ -259,7 +259,14 @@ class PlacementService:
                 self._switch_in_place(cache, lease)
             return lease
         if pending is not None:
-            pending.wait()
+            # On a CUDA device the copier is a replica, which may die or hang mid-copy:
+            # a waiter gives up (its lease back) rather than wait forever.
+            if not pending.wait(self.room_wait_s):
+                self.release(lease)
+                raise SwitchFailed(
+                    f"switching expert {expert!r} into {device!r}: another caller's copy "
+                    f"did not finish within {self.room_wait_s:g} s"
+                )
             with self._lock:
                 if not cache.is_ready(expert, lease.generation):
                     raise SwitchFailed(

@@ -405,3 +405,24 @@ def test_room_held_by_pinned_experts_alone_fails_at_once() -> None:
     with pytest.raises(BudgetExceeded):
         service.acquire("b", "cpu0")
     assert time.monotonic() - started < 30  # no wait for a release that cannot come
+
+
+def test_a_wait_for_another_callers_copy_is_bounded() -> None:
+    """On a CUDA device the admitting replica copies; if it dies or hangs mid-copy, the
+    next caller for that expert gives up at the bound, its own lease given back."""
+    nbytes = _expert_bytes()
+    service = PlacementService(
+        [DeviceSpec("cuda0", 2 * nbytes, arena="cuda")], InProcessObjectStore(), room_wait_s=0.05
+    )
+    service.register("a", _source(0))
+    copier = service.acquire("a", "cuda0")
+    assert copier.needs_copy  # never marked ready: the copier hung
+    with pytest.raises(SwitchFailed, match=r"did not finish within 0\.05 s"):
+        service.acquire("a", "cuda0")
+    resident = service.residency()["cuda0"].residents[0]
+    assert resident.in_use == 1  # only the hung copier's lease
+    service.mark_ready(copier, 0.01)
+    service.release(copier)
+    lease = service.acquire("a", "cuda0")  # the copy finished: a hit
+    assert not lease.needs_copy
+    service.release(lease)
