@@ -4,6 +4,11 @@ It runs as the command users run (`python -m benchmarks.scale`), in a process of
 own, since it starts and stops its own Ray instance. Asserts the JSON's shape, that no
 request failed and that every sampled answer equals the expert's fully resident one;
 the timings it prints are not checked.
+
+Its time is mostly replica processes starting: `coe` twice (N=6 and N=4), `multiplex`
+once and, for `zero`, one process per expert its sampled arrivals name. So the arrivals
+are few and close together (2/s for 5 s: nine requests, the same ones 1/s for 10 s
+would give), and `zero` gets two of them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ SYSTEM_KEYS = {
     "mismatches",
 }
 COE_KEYS = {"copy_bound_s", "spilled_switches"}
+# Arrivals `zero` gets: each may start a replica process (seconds each on two cores).
+ZERO_REQUESTS = 2
 RATIOS = {
     "coe_switch_overhead_over_multiplex",
     "coe_ttft_p99_over_multiplex",
@@ -46,9 +53,9 @@ def test_the_small_scale_benchmark_runs_every_system(tmp_path: Path) -> None:
         "-m",
         "benchmarks.scale",
         *("--experts", "6", "--real-experts", "0", "--hbm-experts", "2"),
-        *("--rate", "1", "--duration", "10", "--timeout", "120"),
-        *("--zero-requests", "3", "--reference-sample", "4"),
-        *("--scaling", "4,6", "--scaling-duration", "5"),
+        *("--rate", "2", "--duration", "5", "--timeout", "120"),
+        *("--zero-requests", str(ZERO_REQUESTS), "--reference-sample", "4"),
+        *("--scaling", "4,6", "--scaling-duration", "2.5"),
         *("--json", str(out)),
     ]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
@@ -67,9 +74,9 @@ def test_the_small_scale_benchmark_runs_every_system(tmp_path: Path) -> None:
         assert summary["processes"] >= 2 and summary["peak_pss_outside_store_bytes"] > 0
     assert set(systems["coe"]) >= COE_KEYS
     assert systems["coe"]["copy_bound_s"] is not None and systems["coe"]["switches"] > 0
-    assert systems["zero"]["requests"] == 3
+    assert systems["zero"]["requests"] == ZERO_REQUESTS
     # Every request to `zero` found no replica or one it had started itself.
-    assert 1 <= systems["zero"]["switches"] <= 3
+    assert 1 <= systems["zero"]["switches"] <= ZERO_REQUESTS
 
     scaling = results["scaling"]
     assert [row["experts"] for row in scaling] == [4, 6]
