@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cluster.serve.ray_internals import run_without_waiting
+from cluster.serve.ray_internals import bound_deployment, run_without_waiting
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -40,15 +40,25 @@ def deploy_and_wait(
 ) -> None:
     """Deploy `application` as `name`; return once it runs, else raise `RolloutFailed`."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    run_without_waiting(application, name, route_prefix)
+    try:
+        run_without_waiting(application, name, route_prefix)
+    except RayServeException as error:  # refused outright, e.g. a route prefix in use
+        cause = getattr(error, "cause", None) or error  # not the remote traceback
+        raise RolloutFailed(f"Serve refused application {name!r}: {cause}") from None
+    # Serve may still report the previous version RUNNING before it has created the
+    # deployments this one adds: only a RUNNING status that lists them all counts.
+    expected = deployment_names(application)
     deadline = time.monotonic() + timeout_s
     next_word = time.monotonic() + PROGRESS_EVERY_S
     while True:
         status = serve.status().applications.get(name)
         state = _named(status.status) if status is not None else "NOT_STARTED"
-        if state == "RUNNING":
+        if state == "RUNNING" and status is not None and expected <= set(status.deployments):
             return
+        if state == "RUNNING":
+            state = "DEPLOYING"  # Serve has not created every new deployment yet
         if state in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RolloutFailed(
                 f"application {name!r} failed to deploy ({state}): {describe(status)}. "
@@ -67,6 +77,31 @@ def deploy_and_wait(
             progress(f"waiting for {name!r} ({state}): {describe(status)}")
             next_word = now + PROGRESS_EVERY_S
         time.sleep(POLL_S)
+
+
+def deployment_names(application: Application) -> set[str]:
+    """Every deployment an application graph binds: its own and its arguments', nested."""
+    names: set[str] = set()
+    pending: list[Any] = [application]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif _is_application(item):
+            deployment = bound_deployment(item)
+            if deployment.name not in names:
+                names.add(deployment.name)
+                pending.extend(deployment.init_args)
+                pending.extend(dict(deployment.init_kwargs).values())  # typed a tuple, is a dict
+    return names
+
+
+def _is_application(item: Any) -> bool:
+    from ray.serve import Application
+
+    return isinstance(item, Application)
 
 
 def describe(status: Any) -> str:

@@ -224,3 +224,59 @@ def test_a_changed_and_an_added_expert_apply_without_restarting_executors(
         answer = handle.chat.remote(body(name, PROMPTS[0])).result(timeout_s=120)
         assert answer["choices"][0]["message"]["content"] == reference.text, name
     assert executor_pids(APP) == before  # reconfigured in place, not restarted
+
+
+def answer_of(name: str, checkpoint: Path, system_prompt: str) -> str:
+    server = ExpertServer(name, TransformersEngine(name, checkpoint), system_prompt)
+    request = GenerationRequest(
+        messages=(ChatMessage(role="user", content=PROMPTS[0]),), max_tokens=6
+    )
+    text = server.generate(request).text
+    server.close()
+    return text
+
+
+def test_a_changed_checkpoint_is_repacked_and_a_removed_expert_unregistered(
+    pooled: dict[str, Any],
+    checkpoints: dict[str, Path],
+    references: dict[tuple[str, str], str],
+) -> None:
+    """Runs after the apply above: a pooled and the dedicated expert get other weights
+    (same architecture, so nothing but the placement service's repacking could tell),
+    and one expert leaves the config."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    config: CoEConfig = pooled["config"]
+    pooled_one, removed = EXPERTS[6], EXPERTS[9]
+    moved = {pooled_one: checkpoints[EXPERTS[7]], DEDICATED: checkpoints[EXPERTS[8]]}
+    expected = {
+        name: answer_of(name, path, system_prompt(EXPERTS.index(name)))
+        for name, path in moved.items()
+    }
+    for name in moved:  # otherwise the old bytes would pass for the new ones
+        assert expected[name] != references[(name, PROMPTS[0])], name
+    handle = pooled["handle"]
+    for name in moved:  # resident (and bound) with the old weights before the apply
+        handle.chat.remote(body(name, PROMPTS[0])).result(timeout_s=120)
+
+    data = config.model_dump(mode="json", exclude_unset=True)
+    data["experts"] = [e for e in data["experts"] if e["name"] != removed]
+    for expert in data["experts"]:
+        if expert["name"] in moved:
+            expert["checkpoint"] = str(moved[expert["name"]])
+    new_checkpoints = {n: p for n, p in {**checkpoints, **moved}.items() if n != removed}
+    handle = serve.run(
+        build_app(parse_config(data), new_checkpoints), name=APP, route_prefix=f"/{APP}"
+    )
+    for name in moved:
+        answer = handle.chat.remote(body(name, PROMPTS[0])).result(timeout_s=120)
+        assert answer["choices"][0]["message"]["content"] == expected[name], (
+            f"{name} still answers with its old weights"
+        )
+    placement = serve.get_deployment_handle("placement", app_name=APP)
+    with pytest.raises(Exception, match="unknown expert"):
+        placement.describe.remote(removed).result(timeout_s=60)
+    residents = placement.residency.remote().result(timeout_s=60)["host0"]["residents"]
+    assert removed not in {r["expert"] for r in residents}

@@ -101,3 +101,54 @@ def test_a_deployment_that_never_starts_fails_at_the_deadline_with_progress(
         in message
     )
     assert said and all("expert-x" in line for line in said)
+
+
+def test_a_config_serve_refuses_outright_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.serve.exceptions import RayServeException
+
+    def refuse(*_args: Any) -> None:
+        raise RayServeException('Prefix / is being used by application "coe".')
+
+    monkeypatch.setattr(rollout, "run_without_waiting", refuse)
+    with pytest.raises(rollout.RolloutFailed, match="refused application 'app': Prefix / is being"):
+        rollout.deploy_and_wait("application", "app", "/", 60, progress=print)  # type: ignore[arg-type]
+
+
+def test_a_running_status_counts_only_once_it_lists_every_new_deployment(
+    monkeypatch: pytest.MonkeyPatch, deployed: list[tuple[Any, ...]]
+) -> None:
+    """Serve may still report the previous version RUNNING before it creates what the
+    new one adds: an apply must not call that done."""
+    old = _App("RUNNING", {"router": _Deployment("HEALTHY")})
+    new = _App("RUNNING", {"router": _Deployment("HEALTHY"), "expert-x": _Deployment("HEALTHY")})
+    serve = _Serve([old, old, new])
+    _use(monkeypatch, serve)
+    monkeypatch.setattr(rollout, "deployment_names", lambda _app: {"router", "expert-x"})
+    rollout.deploy_and_wait("application", "app", "/", 60, progress=print)  # type: ignore[arg-type]
+    assert serve.asked == 3
+
+
+def test_the_deployments_of_a_graph_are_found_through_its_arguments() -> None:
+    from ray import serve
+
+    @serve.deployment
+    class Leaf:
+        pass
+
+    @serve.deployment
+    class Middle:
+        def __init__(self, leaf: Any) -> None:
+            self.leaf = leaf
+
+    @serve.deployment
+    class Root:
+        def __init__(self, middle: Any, experts: dict[str, Any], pair: list[Any]) -> None:
+            self.parts = (middle, experts, pair)
+
+    leaf = Leaf.bind()
+    application = Root.bind(
+        Middle.bind(leaf),
+        {"a": Leaf.options(name="expert-a").bind()},
+        [leaf, Leaf.options(name="other").bind()],
+    )
+    assert rollout.deployment_names(application) == {"Root", "Middle", "Leaf", "expert-a", "other"}
