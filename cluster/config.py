@@ -20,6 +20,8 @@ from router.embed.names import KNOWN_EMBEDDERS, is_known_embedder
 EXPERT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ROUTED_MODEL = "coe"
 DEMO_SOURCES = ("smollm2-135m-instruct", "gemma-3-270m")
+# Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES).
+OBJECT_STORE_MINIMUM_BYTES = 75 * 1024 * 1024
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -420,6 +422,15 @@ class ServeSettings(StrictModel):
         le=65535,
         description="Port of Ray Serve's gRPC proxy (Generate, GenerateStream, Route, "
         "ListExperts, health); null leaves gRPC off.",
+    )
+    object_store_bytes: int | None = Field(
+        None,
+        ge=OBJECT_STORE_MINIMUM_BYTES,
+        description="Size of Ray's object store (the DDR tier: every expert's packed weights) "
+        "when `coe serve` starts Ray itself; null: Ray's default (30% of memory). Experts "
+        "beyond it spill to disk and are restored on their next switch-in. Not used by "
+        "`serve deploy` (there `ray start --object-store-memory` decides). At least 75 MiB, "
+        "Ray's minimum.",
     )
 
     def resolved_api_key(self) -> str | None:

@@ -86,8 +86,10 @@ def serve_foreground(config: CoEConfig, say: Say, ready_timeout_s: float = 900.0
     settings = config.serve
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: binding to {settings.host}; the API is reachable from other machines")
-    say("starting Ray (local, dashboard off)")
-    lifecycle.start_local_ray()
+    store = settings.object_store_bytes
+    sized = "" if store is None else f", object store {store / 1e6:.0f} MB"
+    say(f"starting Ray (local, dashboard off{sized})")
+    lifecycle.start_local_ray(object_store_memory=store)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -86,12 +86,8 @@ class Unauthorized(CoEError):
         return {"WWW-Authenticate": "Bearer"}
 
 
-class Overloaded(CoEError):
-    """The expert's queue is full: refuse now rather than queue without bound."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "overloaded"
+class RetryLater(CoEError):
+    """A refusal for now: the client may retry after `retry_after_s` seconds (Retry-After)."""
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
@@ -101,6 +97,22 @@ class Overloaded(CoEError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class Overloaded(RetryLater):
+    """The expert's queue is full: refuse now rather than queue without bound."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class RouterUnavailable(RetryLater):
+    """The router replica died with the request inside it; Serve is starting another."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "router_unavailable"
 
 
 class RequestTimedOut(CoEError):

@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from actors.engines.base import (
@@ -22,7 +22,7 @@ from actors.engines.base import (
     GenerationResult,
     StreamChunk,
 )
-from cluster.ingress.api_errors import Overloaded
+from cluster.ingress.api_errors import Overloaded, RouterUnavailable
 from router.decision import RouteDecision
 
 logger = logging.getLogger("ray.serve")
@@ -66,6 +66,14 @@ class HandleBackend:
             decision: RouteDecision = await self.router.route.remote(prompt)
         except BackPressureError:
             raise self._overloaded("the router") from None
+        except (RayActorError, DeploymentUnavailableError) as error:
+            # The router replica died with this request inside it (Serve sends requests
+            # that arrive meanwhile to its replacement once that is up): a 503 to retry.
+            logger.warning("route failed, the router replica is gone: %s", type(error).__name__)
+            raise RouterUnavailable(
+                "the router is unavailable (Serve is replacing its replica); retry later",
+                retry_after_s=self.retry_after_s,
+            ) from None
         if self.placement is not None:
             self._prefetch(decision.expert)
         return decision

@@ -126,9 +126,12 @@ def local_serve(
 ) -> Iterator[str]:
     """A fresh local Ray + Serve listening as `settings` say; yields the HTTP base URL.
 
-    On exit Serve and Ray stop, and `config`'s arena (when given) is removed.
+    On exit Serve and Ray stop, and `config`'s arena (when given) is removed. The object
+    store is `settings.object_store_bytes` large (None: Ray's default).
     """
-    start_local_ray(quiet_serve_logs=quiet_serve_logs)
+    start_local_ray(
+        quiet_serve_logs=quiet_serve_logs, object_store_memory=settings.object_store_bytes
+    )
     try:
         start_serve(settings)
         yield base_url(settings)
