@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from cluster.config import ROUTED_MODEL
-from cluster.ingress.api_errors import CoEError, Overloaded, Unauthorized
+from cluster.ingress.api_errors import CoEError, RetryLater, Unauthorized
 from cluster.ingress.auth import UNAUTHORIZED_MESSAGE, ApiKeyGate
 from cluster.ingress.grpc.codegen import ensure_generated
 from cluster.ingress.service import ChatStream, CoEService, Completion
@@ -78,7 +78,7 @@ def metadata_value(value: str) -> str:
 
 
 def error_metadata(error: CoEError) -> Metadata:
-    if isinstance(error, Overloaded):
+    if isinstance(error, RetryLater):  # overloaded (429) or router unavailable (503)
         return [("retry-after", str(error.retry_after_s))]
     return []
 

@@ -23,6 +23,7 @@ from cluster.ingress.api_errors import (
     Overloaded,
     PromptTooLong,
     RequestTimedOut,
+    RouterUnavailable,
     Unauthorized,
 )
 from cluster.ingress.auth import ApiKeyGate
@@ -378,6 +379,16 @@ def test_overload_is_resource_exhausted_with_retry_after() -> None:
         assert context.details == "expert 'math' is busy"
         trailing = dict(context.trailing)
         assert trailing["retry-after"] == "3"
+
+
+def test_a_dead_router_is_unavailable_with_retry_after() -> None:
+    failing = FailingBackend(
+        ExpertFailed("unused"), route_error=RouterUnavailable("the router is unavailable", 2)
+    )
+    context = FakeContext()
+    asyncio.run(Ingress(failing).Route(coe_pb2.RouteRequest(prompt="x"), context))
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert dict(context.trailing)["retry-after"] == "2"
 
 
 def test_unexpected_errors_leak_nothing() -> None:
