@@ -177,6 +177,10 @@ def print_table(report: dict[str, Any]) -> None:
             f"end {memory['end']['total_bytes'] / 1e9:.3f} GB  "
             f"growth {memory['growth_bytes'] / 1e6:+.1f} MB"
         )
+        grown = memory.get("replica_growth_by_deployment") or {}
+        if grown:
+            parts = ", ".join(f"{name} {delta / 1e6:+.1f}" for name, delta in grown.items())
+            print(f"replica growth outside the object store, MB: {parts}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -202,9 +202,16 @@ def classify_cancel(status: int | None, saw_chunk: bool, transport_error: bool) 
 @dataclass(frozen=True)
 class MemorySample:
     t_s: float
-    replica_bytes: int  # the application's replicas (summed PSS)
+    # The application's replicas: summed PSS outside Ray's object store. Replicas bound
+    # zero-copy map experts' weights in the store, and their PSS grows as they touch more
+    # of those pages; the store's bytes are counted once, in `object_store_bytes`.
+    replica_bytes: int
     serve_system_bytes: int  # Serve's proxy and controller (summed PSS)
     object_store_bytes: int | None  # Ray's object store on this node; None: not measured
+    # The same replicas' PSS of object-store pages (not in the total: counted above).
+    replica_store_bytes: int = 0
+    # `replica_bytes` per deployment, to tell which replicas grow.
+    replica_by_deployment: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -229,6 +236,10 @@ def memory_report(samples: Sequence[MemorySample]) -> dict[str, Any]:
         "growth_bytes": growth,
         "growth_fraction": growth / first.total_bytes if first.total_bytes else None,
         "replica_growth_bytes": last.replica_bytes - first.replica_bytes,
+        "replica_growth_by_deployment": {
+            name: last.replica_by_deployment.get(name, 0) - first.replica_by_deployment.get(name, 0)
+            for name in sorted({*first.replica_by_deployment, *last.replica_by_deployment})
+        },
         "peak_total_bytes": max(s.total_bytes for s in samples),
         "samples": [view(s) for s in samples],
     }

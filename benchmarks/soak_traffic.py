@@ -24,6 +24,7 @@ from tqdm import tqdm
 from benchmarks.harness import client as harness_client
 from benchmarks.harness import workload
 from benchmarks.harness.client import CHAT_PATH
+from benchmarks.harness.memory import replica_memory
 from benchmarks.soak_plan import (
     FAILURES,
     Limits,
@@ -35,7 +36,6 @@ from benchmarks.soak_plan import (
     classify_good,
     request_payload,
 )
-from benchmarks.systems import replica_memory_bytes
 
 SERVE_SYSTEM_PREFIXES = ("ray::ProxyActor", "ray::ServeController")
 _MESSAGE_CHARS = 300
@@ -78,11 +78,14 @@ def object_store_bytes(ray_address: str | None) -> int | None:
 
 
 def sample_memory(app_name: str, ray_address: str | None, t_s: float) -> MemorySample:
+    replicas = replica_memory(app_name)
     return MemorySample(
         t_s=t_s,
-        replica_bytes=replica_memory_bytes(app_name),
+        replica_bytes=replicas.pss_outside_store_bytes,
         serve_system_bytes=serve_system_memory_bytes(),
         object_store_bytes=object_store_bytes(ray_address),
+        replica_store_bytes=replicas.pss_bytes - replicas.pss_outside_store_bytes,
+        replica_by_deployment=dict(replicas.outside_store_by_deployment),
     )
 
 
