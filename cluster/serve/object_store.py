@@ -13,6 +13,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectFetchTimedOutError, ObjectLostError
 
+from cluster.serve.ray_internals import in_local_object_store
 from memory_tiers.errors import ObjectLost
 
 # A buffer the store no longer has must not hang a switch; rebuilding from disk is
@@ -36,12 +37,14 @@ class RayObjectStore:
         return value
 
     def spilled(self, ref: Any) -> bool:
-        """Spilled and not in shared memory now: the owner (the placement service) knows
-        without asking anyone, from its own reference table."""
+        """Spilled and not in shared memory now. The owner (the placement service) knows
+        from its own reference table whether the object was ever spilled; only then is
+        the local store asked whether it still holds it (its location table keeps the
+        node of a spilled copy, so it cannot say)."""
         from ray.experimental import get_local_object_locations
 
         location = get_local_object_locations([ref]).get(ref) or {}
-        return bool(location.get("did_spill")) and not location.get("node_ids")
+        return bool(location.get("did_spill")) and not in_local_object_store(ref)
 
     def free(self, ref: Any) -> None:
         # Dropping the last reference lets Ray reclaim the object; nothing to force.

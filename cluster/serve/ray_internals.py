@@ -150,3 +150,17 @@ def run_without_waiting(application: Application, name: str, route_prefix: str |
     from ray.serve.api import _run
 
     _run(application, _blocking=False, name=name, route_prefix=route_prefix)
+
+
+def in_local_object_store(ref: Any) -> bool:
+    """Whether the object is in this node's shared-memory object store now (not only
+    spilled to disk).
+
+    Relies on: `CoreWorker.object_exists(ref)`, the worker's own check against the local
+    plasma store (no fetch, no restore). Needed because the owner's location table keeps
+    listing the node of a spilled primary copy, so `get_local_object_locations` cannot
+    tell a spilled object from one in memory on a single node.
+    """
+    from ray._private.worker import global_worker
+
+    return bool(global_worker.core_worker.object_exists(ref))
