@@ -163,4 +163,6 @@ def in_local_object_store(ref: Any) -> bool:
     """
     from ray._private.worker import global_worker
 
-    return bool(global_worker.core_worker.object_exists(ref))
+    worker: Any = global_worker  # its core_worker is set once Ray is up (untyped)
+    core_worker = worker.core_worker
+    return bool(core_worker.object_exists(ref))
