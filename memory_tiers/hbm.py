@@ -263,15 +263,16 @@ class HBMCache:
             self.allocator.free(resident.region)
             self.counters.evictions += 1
 
+    def _holding(self, expert: str, generation: int) -> _Resident | None:
+        """The resident holding ``expert``'s bytes of ``generation``, retired or not."""
+        resident = self._residents.get(expert)
+        if resident is not None and resident.generation == generation:
+            return resident
+        return self._retired.get((expert, generation))
+
     def _outstanding(self, lease: Lease) -> _Resident:
-        resident = self._residents.get(lease.expert)
-        if resident is None or resident.generation != lease.generation:
-            resident = self._retired.get((lease.expert, lease.generation), resident)
-        if (
-            resident is None
-            or resident.generation != lease.generation
-            or lease.lease_id not in resident.leases
-        ):
+        resident = self._holding(lease.expert, lease.generation)
+        if resident is None or lease.lease_id not in resident.leases:
             raise LeaseError(
                 f"lease {lease.lease_id} on expert {lease.expert!r} (generation "
                 f"{lease.generation}) on device {self.device!r} is not outstanding"
@@ -308,9 +309,7 @@ class HBMCache:
         return cancelled
 
     def is_ready(self, expert: str, generation: int) -> bool:
-        resident = self._residents.get(expert)
-        if resident is None or resident.generation != generation:
-            resident = self._retired.get((expert, generation))
+        resident = self._holding(expert, generation)
         return resident is not None and resident.ready
 
     # -- pinning and explicit eviction ---------------------------------------------

@@ -90,13 +90,17 @@ class PlacementClient:
         # about it can change; a replica idle for days must not keep asking).
         self.settled: set[tuple[str, str, int, int]] = set()
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """Call the placement service, riding out its restart (Serve replaces it)."""
+    async def call(
+        self, method: str, *args: Any, also_retry: tuple[type[Exception], ...] = ()
+    ) -> Any:
+        """Call the placement service, riding out its restart (Serve replaces it) and,
+        within the same bound, the errors in `also_retry`."""
+        retried: tuple[type[BaseException], ...] = (RayActorError, *also_retry)
         deadline = time.monotonic() + PLACEMENT_RETRY_S
         while True:
             try:
                 return await getattr(self.handle, method).remote(*args)
-            except RayActorError:
+            except retried:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
@@ -106,15 +110,10 @@ class PlacementClient:
         `source`: after a `coe apply` that changed the expert, the new replica may ask
         before the service has repacked it, and waits (bounded) rather than bind the old
         bytes."""
-        deadline = time.monotonic() + PLACEMENT_RETRY_S
-        while True:
-            try:
-                described: dict[str, Any] = await self.call("describe", expert, source)
-                return described
-            except SourceChanged:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        described: dict[str, Any] = await self.call(
+            "describe", expert, source, also_retry=(SourceChanged,)
+        )
+        return described
 
     async def acquire(self, expert: str, source: str | None = None) -> Grant:
         """A grant for one request on bytes of `source` (`SourceChanged` if the service
