@@ -282,6 +282,13 @@ def demo_checkpoints(say: Say) -> dict[str, Path]:
     return prepare_checkpoints(config, progress=say)
 
 
+def only_device(per_device: dict[str, Any]) -> Any:
+    """The one device's entry (the host's, or the GPU's with tiers.device 'cuda')."""
+    if len(per_device) != 1:
+        raise RuntimeError(f"expected one placement device, got {sorted(per_device)}")
+    return next(iter(per_device.values()))
+
+
 def replica_memory_bytes(app_name: str) -> int:
     """Summed PSS of the application's replica processes (shared pages split fairly)."""
     return replica_memory(app_name).pss_bytes
@@ -433,7 +440,7 @@ class RunningSystem:
         if self.name == "multiplex":
             return sorted({name for info in self.multiplex_infos() for name in info["loaded"]})
         placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
-        device = placement.residency.remote().result(timeout_s=10)["host0"]
+        device = only_device(placement.residency.remote().result(timeout_s=10))
         # One still being copied in is not ready to serve yet.
         return [r["expert"] for r in device["residents"] if r["ready"]]
 
@@ -480,7 +487,7 @@ class RunningSystem:
             device_bytes = sum(int(i["peak_loaded_bytes"]) for i in found)
         else:
             placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
-            device = placement.metrics.remote().result(timeout_s=10)["devices"]["host0"]
+            device = only_device(placement.metrics.remote().result(timeout_s=10)["devices"])
             switches, hits = int(device["switches"]), int(device["hits"])
             device_bytes = scenario.hbm_budget_bytes
         lookups = max(1, switches + hits)

@@ -300,6 +300,22 @@ class TierSettings(StrictModel):
         "expert into a shared arena file of hbm_budget_bytes (what a GPU does host to "
         "device), which also lets residency survive a placement restart.",
     )
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where the HBM tier is. 'cpu': host memory, as cpu_binding says. 'cuda': "
+        "one arena of hbm_budget_bytes on the placement service's GPU; the placement "
+        "service copies experts into it, and the executors and tiered dedicated experts on "
+        "that GPU map it (CUDA IPC) and only rebind. They must ask Ray for a share of a GPU "
+        "(executors.num_gpus, ray_actor_options.num_gpus) and land on the same GPU: one "
+        "GPU per cluster today.",
+    )
+    placement_num_gpus: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="With device 'cuda': the share of one GPU the placement service asks "
+        "Ray for, so that Ray shows it a GPU; the arena's size is hbm_budget_bytes.",
+    )
 
     @model_validator(mode="after")
     def _budget_given(self) -> TierSettings:
@@ -353,6 +369,13 @@ class ExecutorSettings(StrictModel):
         description="Requests that may wait for an executor; beyond that 429 with Retry-After.",
     )
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved per executor.")
+    num_gpus: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of one GPU per executor (Ray's fractional GPUs; one CUDA "
+        "context per executor, whatever its experts); needed with tiers.device 'cuda'.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ExecutorSettings:
@@ -511,6 +534,7 @@ class CoEConfig(StrictModel):
                 raise ValueError(f"tiers.pinned names unknown expert {pinned!r}")
         if self.executors.enabled and not self.tiers.enabled:
             raise ValueError("executors.enabled needs tiers.enabled: executors bind tier bytes")
+        self._check_gpus()
         for pooled in self.executor_experts():
             # Settings of a deployment the expert does not have would be silently ignored.
             own = pooled.deployment_settings_set()
@@ -521,6 +545,29 @@ class CoEConfig(StrictModel):
                     "give it a deployment of its own"
                 )
         return self
+
+    def _check_gpus(self) -> None:
+        """A GPU arena is mapped only by processes Ray gave that GPU; a GPU share with
+        host tiers would hold a GPU for weights that never leave host memory."""
+        cuda = self.tiers.enabled and self.tiers.device == "cuda"
+        pool = self.executors.enabled and bool(self.executor_experts())
+        if cuda and pool and self.executors.num_gpus <= 0:
+            raise ValueError(
+                "tiers.device 'cuda' needs executors.num_gpus > 0 (e.g. 0.25): an executor "
+                "maps the GPU arena only if Ray gives it a share of that GPU"
+            )
+        if not cuda and pool and self.executors.num_gpus > 0:
+            raise ValueError(
+                "executors.num_gpus needs tiers.device 'cuda': with host tiers the experts' "
+                "bytes stay in host memory"
+            )
+        if cuda:
+            for expert in self.dedicated_experts():
+                if expert.ray_actor_options.num_gpus <= 0:
+                    raise ValueError(
+                        f"expert {expert.name!r}: tiers.device 'cuda' needs "
+                        "ray_actor_options.num_gpus > 0 (a share of the arena's GPU)"
+                    )
 
     def executor_experts(self) -> list[ExpertSettings]:
         """The experts that run on the executor pool (none when it is off)."""

@@ -5,9 +5,10 @@ file-backed shared mapping (in /dev/shm) that the placement service creates and
 pre-faults and every expert replica on the node attaches read-only, so they share its
 bytes and the bytes outlive a placement-service restart. The file is private to the
 user running the cluster: created exclusively with mode 0600, attached only while it
-still is. In one process it can be a plain numpy array; on CUDA it is one
-``torch.empty(capacity, uint8, device="cuda:N")`` per replica process (sharing GPU
-memory across processes would need CUDA IPC).
+still is. In one process it can be a plain numpy array. On a GPU it is one
+``torch.empty(capacity, uint8, device="cuda:N")`` the placement service allocates and
+the executors on that GPU map through CUDA IPC (``share`` / ``attach``, see
+``device_memory.py``); a "fake" device stands in for it in tests.
 
 ``RegionAllocator`` is the bookkeeping only (aligned first-fit with coalescing); the
 HBM cache owns one per device and never touches memory.
@@ -29,13 +30,23 @@ from typing import Literal
 import numpy as np
 import torch
 
+from memory_tiers.device_memory import (
+    ArenaShare,
+    export_cuda,
+    fake_device_tensor,
+    import_cuda,
+    import_fake,
+    new_arena_id,
+)
 from memory_tiers.errors import ArenaError
 from memory_tiers.packing import ALIGNMENT, align_up
 
 PAGE_BYTES = mmap.PAGESIZE
 # A new arena file: ours alone, never a file or link someone left at its name.
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-ArenaKind = Literal["memory", "file", "cuda"]
+ArenaKind = Literal["memory", "file", "cuda", "fake"]
+# Arenas whose memory is a torch tensor on a device (views are tensors, not numpy).
+DEVICE_KINDS = frozenset({"cuda", "fake"})
 
 
 @dataclass(frozen=True, order=True)
@@ -151,8 +162,12 @@ class DeviceArena:
         path: Path | None = None,
         mapping: mmap.mmap | None = None,
         lock: int | None = None,
+        arena_id: str | None = None,
     ) -> None:
         self.kind = kind
+        # New for every allocation: a replica tells a new arena from the one it mapped.
+        self.arena_id = arena_id or new_arena_id()
+        self._share: ArenaShare | None = None
         self.capacity = capacity
         self.path = path
         self._host = host
@@ -268,16 +283,70 @@ class DeviceArena:
         with contextlib.suppress(AttributeError, OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)
         host = np.frombuffer(mapping, dtype=np.uint8)
-        return cls("file", capacity, host=host, path=path, mapping=mapping, lock=descriptor)
+        return cls(
+            "file",
+            capacity,
+            host=host,
+            path=path,
+            mapping=mapping,
+            lock=descriptor,
+            arena_id=str(path),  # the file outlives processes: so does its name
+        )
 
     @classmethod
     def cuda(cls, capacity: int, device: str = "cuda") -> DeviceArena:
-        """One block of GPU memory for this process."""
+        """One block of GPU memory, owned by this process (the placement service) and
+        mapped by others through ``share``."""
         _check_capacity(capacity)
         if not torch.cuda.is_available():
             raise ArenaError(f"a CUDA arena on {device!r} needs CUDA, which is not available")
         tensor = torch.empty(capacity, dtype=torch.uint8, device=device)
         return cls("cuda", capacity, device_tensor=tensor)
+
+    @classmethod
+    def fake_device(cls, capacity: int) -> DeviceArena:
+        """A stand-in for a GPU arena: device-style (tensor views, shared by ``share``
+        and ``attach``) but CPU memory, mapped only within this process."""
+        _check_capacity(capacity)
+        tensor, token = fake_device_tensor(capacity)
+        arena = cls("fake", capacity, device_tensor=tensor, arena_id=token)
+        arena._share = ArenaShare("fake", capacity, token, handle=(token,))
+        return arena
+
+    # -- sharing -----------------------------------------------------------------
+
+    def share(self) -> ArenaShare:
+        """What another process on this node needs to map this arena (see ``attach``).
+
+        A CUDA arena is exported once: every mapping refers to the same allocation,
+        which lives as long as this (the owning) process keeps the arena.
+        """
+        if self._share is None:
+            if self.kind == "file":
+                assert self.path is not None
+                self._share = ArenaShare("file", self.capacity, self.arena_id, path=str(self.path))
+            elif self.kind == "cuda":
+                assert self._device_tensor is not None
+                self._share = export_cuda(self._device_tensor, self.arena_id)
+            else:
+                raise ArenaError(f"a {self.kind} arena is private to its process")
+        return self._share
+
+    @classmethod
+    def attach(cls, share: ArenaShare, *, writable: bool = False) -> DeviceArena:
+        """Map the arena ``share`` names. A file arena is mapped read-only unless
+        ``writable``; device memory cannot be made read-only, so a replica holding a
+        device arena only ever makes views of it (never writes through them)."""
+        if share.kind == "file":
+            assert share.path is not None
+            arena = cls.attach_file(Path(share.path), writable=writable)
+        elif share.kind == "cuda":
+            arena = cls("cuda", share.capacity, device_tensor=import_cuda(share))
+        else:
+            arena = cls("fake", share.capacity, device_tensor=import_fake(share))
+        arena.arena_id = share.arena_id
+        arena._share = share
+        return arena
 
     # -- access ------------------------------------------------------------------
 
@@ -301,9 +370,15 @@ class DeviceArena:
         return torch.from_numpy(self.host_view(region))
 
     def view(self, region: Region) -> np.ndarray | torch.Tensor:
-        """Host arenas: numpy; CUDA arenas: a torch tensor."""
-        if self.kind == "cuda":
+        """Host arenas: numpy; device arenas (CUDA, fake): a torch tensor."""
+        if self.kind in DEVICE_KINDS:
             return self.tensor_view(region)
+        return self.host_view(region)
+
+    def read(self, region: Region) -> np.ndarray:
+        """The region's bytes on the host (a copy from a CUDA arena), for comparisons."""
+        if self.kind in DEVICE_KINDS:
+            return self.tensor_view(region).cpu().numpy()
         return self.host_view(region)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 
 from memory_tiers.arena import Region
 from memory_tiers.ddr import ExpertSource, ObjectStore, Packed
+from memory_tiers.device_memory import ArenaShare
 from memory_tiers.errors import ArenaError, ExpertUnavailable, SourceChanged, TierError
 from memory_tiers.grants import Grant, GrantLedger
 from memory_tiers.hbm import Lease
@@ -239,8 +240,15 @@ class GrantService:
         return {
             "device": self.device,
             "arena_path": str(path) if path is not None else None,
+            "arena": self._device_share(),
             "index": index.to_json(),
         }
+
+    def _device_share(self) -> ArenaShare | None:
+        """A device arena's share (a GPU's memory, mapped through CUDA IPC), which
+        replicas map from a grant; None for a host arena file or a zero-copy device."""
+        share = self.placement.arena_share(self.device)
+        return share if share is not None and share.kind != "file" else None
 
     async def acquire(
         self, expert: str, holder: str = "", contact: Any = None, source: str | None = None
@@ -285,6 +293,7 @@ class GrantService:
             slot_wait_s=waited,
             expires_at=expires_at,
             source=source,
+            arena=self._device_share(),
         )
 
     def release(self, grant: Grant) -> bool:
@@ -402,14 +411,16 @@ class GrantService:
         self._watch_holders()
 
     def _holds_expert_bytes(self, report: ResidencyReport) -> bool:
-        if self.placement.zero_copy(report.device):
-            return False  # no arena: the old incarnation's objects died with it
+        if self.placement.zero_copy(report.device) or not self.restarted:
+            # No arena, or a new one (a GPU's memory dies with its owner): nothing an
+            # earlier incarnation copied is here.
+            return False
         expected = self.placement.ddr_buffer(report.expert)
         if expected.nbytes != report.nbytes:
             return False
         region = Region(report.offset, report.nbytes)
         try:
-            held = self.placement.arena(report.device).host_view(region)
+            held = self.placement.arena(report.device).read(region)
         except ArenaError:  # a region outside this arena holds nothing of the expert
             return False
         return bool(np.array_equal(held, expected))

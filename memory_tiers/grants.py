@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from memory_tiers.device_memory import ArenaShare
 from memory_tiers.hbm import Lease
 
 
@@ -39,6 +40,9 @@ class Grant:
     # On a zero-copy device: the expert's DDR object (what the holder binds to);
     # None where the bytes are in the device arena at `lease.region`.
     source: Any = None
+    # On a GPU: how to map the arena holding `lease.region` (a restarted placement
+    # service allocates a new one, which the holder maps before binding).
+    arena: ArenaShare | None = None
 
 
 @dataclass(frozen=True)

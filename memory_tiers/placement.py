@@ -1,11 +1,12 @@
 """The placement service: registry of experts, HBM leases per device, switches, prefetch.
 
 A plain class (the cluster runs it as one named actor). It owns the DDR copies of
-every expert (so they outlive replicas), one ``HBMCache`` per device, and for host
-devices the device arena itself: it performs the DDR -> arena copy, so a prefetch hint
-starts a switch while the request is still queued, and replicas only rebind views.
-CUDA devices (one arena per replica process) are bookkeeping only: the lease says
-``needs_copy``, the replica copies with ``switch.copy_into`` and calls ``mark_ready``.
+every expert (so they outlive replicas), one ``HBMCache`` per device, and each
+device's arena: a host arena (a shared file on a CPU node) or a GPU's memory, which
+the replicas on that GPU map through CUDA IPC. It performs the DDR -> arena copy
+itself, so a prefetch hint starts a switch while the request is still queued, and
+replicas only rebind views. A zero-copy device has no arena: replicas bind the DDR
+buffer itself.
 
 Concurrency: every method is safe to call from several threads. Bookkeeping runs
 under one lock; copies run outside it, so a hit never waits behind another expert's
@@ -26,6 +27,7 @@ import numpy as np
 
 from memory_tiers.arena import DeviceArena, Region
 from memory_tiers.ddr import DDRStore, ExpertSource, ObjectStore, Packed
+from memory_tiers.device_memory import ArenaShare
 from memory_tiers.errors import (
     BudgetExceeded,
     SwitchFailed,
@@ -48,16 +50,19 @@ class DeviceSpec:
     """One device: a named memory pool with a byte budget.
 
     ``arena``: "file" = shared host arena at ``arena_path`` (created or re-attached);
-    "memory" = host arena private to this process; "cuda" = arenas live in replicas;
-    "object_store" = no arena: on a CPU node the object store's shared memory already
-    is device memory, so replicas bind an expert straight to its DDR buffer (read-only,
-    zero-copy) and the budget, leases, pins and eviction only account for it.
+    "memory" = host arena private to this process; "cuda" = one block of the GPU
+    ``cuda_device``'s memory, shared with the replicas on that GPU; "fake" = a stand-in
+    for "cuda" in one process (tests); "object_store" = no arena: on a CPU node the
+    object store's shared memory already is device memory, so replicas bind an expert
+    straight to its DDR buffer (read-only, zero-copy) and the budget, leases, pins and
+    eviction only account for it.
     """
 
     name: str
     budget_bytes: int
-    arena: Literal["memory", "file", "cuda", "object_store"] = "memory"
+    arena: Literal["memory", "file", "cuda", "fake", "object_store"] = "memory"
     arena_path: Path | None = None
+    cuda_device: str = "cuda"
 
 
 @dataclass(frozen=True)
@@ -115,13 +120,9 @@ class PlacementService:
             spec.name: HBMCache(spec.name, spec.budget_bytes, make_policy(policy))
             for spec in devices
         }
-        self._arenas: dict[str, DeviceArena] = {}
-        for spec in devices:
-            if spec.arena == "memory":
-                self._arenas[spec.name] = DeviceArena.in_memory(spec.budget_bytes)
-            elif spec.arena == "file":
-                assert spec.arena_path is not None
-                self._arenas[spec.name] = DeviceArena.open_file(spec.arena_path, spec.budget_bytes)
+        self._arenas = {
+            spec.name: _open_arena(spec) for spec in devices if spec.arena != "object_store"
+        }
         self._experts: dict[str, ExpertRecord] = {}
         self._pending: dict[tuple[str, str, int], threading.Event] = {}
 
@@ -203,11 +204,17 @@ class PlacementService:
         return self.ddr.get(expert)[0]
 
     def arena(self, device: str) -> DeviceArena:
-        """The host arena of ``device`` (in-process replicas and tests)."""
+        """The arena of ``device`` (in-process replicas, restart checks, tests)."""
         self._cache(device)
         if device not in self._arenas:
-            raise UnknownDevice(f"device {device!r} has no arena in this process (CUDA)")
+            raise UnknownDevice(f"device {device!r} has no arena: its replicas bind DDR")
         return self._arenas[device]
+
+    def arena_share(self, device: str) -> ArenaShare | None:
+        """How replicas on ``device`` map its arena; None on a zero-copy device."""
+        self._cache(device)
+        arena = self._arenas.get(device)
+        return arena.share() if arena is not None else None
 
     def arena_path(self, device: str) -> Path | None:
         return self._specs[self._cache(device).device].arena_path
@@ -255,12 +262,12 @@ class PlacementService:
         if lease.needs_copy:
             if device in self._arenas:
                 self._switch_in(cache, lease)
-            elif self.zero_copy(device):
+            else:
                 self._switch_in_place(cache, lease)
             return lease
         if pending is not None:
-            # On a CUDA device the copier is a replica, which may die or hang mid-copy:
-            # a waiter gives up (its lease back) rather than wait forever.
+            # The copy may be stuck (a restore from a slow disk, a wedged GPU copy): a
+            # waiter gives up (its lease back) rather than wait forever.
             if not pending.wait(self.room_wait_s):
                 self.release(lease)
                 raise SwitchFailed(
@@ -297,7 +304,7 @@ class PlacementService:
             started = time.perf_counter()
             buffer, _, restored = self.ddr.fetch(lease.expert)
             fetched = time.perf_counter()
-            copy_into(self._arenas[lease.device].host_view(lease.region), buffer)
+            copy_into(self._arenas[lease.device].view(lease.region), buffer)
             seconds = time.perf_counter() - started
         except BaseException as error:
             self._finish(cache, lease, None)
@@ -341,14 +348,6 @@ class PlacementService:
         if pending is not None:
             pending.set()
 
-    def mark_ready(self, lease: Lease, seconds: float) -> None:
-        """A replica finished the copy a ``needs_copy`` lease asked of it (CUDA devices)."""
-        self._finish(self._cache(lease.device), lease, seconds)
-
-    def abort(self, lease: Lease) -> None:
-        """A replica's copy for a ``needs_copy`` lease failed; the resident is dropped."""
-        self._finish(self._cache(lease.device), lease, None)
-
     def release(self, lease: Lease) -> None:
         cache = self._cache(lease.device)
         with self._lock:
@@ -358,12 +357,10 @@ class PlacementService:
     def prefetch(self, expert: str, device: str) -> bool:
         """Start switching ``expert`` in ahead of its request; True if a copy was made.
 
-        A hint: a no-op when resident, when room would need an in-use or pinned
-        expert to go, or on a CUDA device (its replica copies for itself).
+        A hint: a no-op when resident, or when room would need an in-use or pinned
+        expert to go.
         """
         cache, _ = self._usable(expert, device)
-        if device not in self._arenas and not self.zero_copy(device):
-            return False
         with self._lock:
             if cache.is_resident(expert):
                 return False
@@ -481,3 +478,14 @@ class PlacementService:
     def close(self) -> None:
         for arena in self._arenas.values():
             arena.close()
+
+
+def _open_arena(spec: DeviceSpec) -> DeviceArena:
+    if spec.arena == "file":
+        assert spec.arena_path is not None
+        return DeviceArena.open_file(spec.arena_path, spec.budget_bytes)
+    if spec.arena == "cuda":
+        return DeviceArena.cuda(spec.budget_bytes, spec.cuda_device)
+    if spec.arena == "fake":
+        return DeviceArena.fake_device(spec.budget_bytes)
+    return DeviceArena.in_memory(spec.budget_bytes)

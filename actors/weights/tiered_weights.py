@@ -1,10 +1,11 @@
 """A replica's side of the memory tiers: model skeletons bound into a device arena.
 
 A skeleton is built once on the `meta` device. The placement service copies an
-expert's packed bytes into a region of the shared host arena and grants a lease; the
-replica then only rebinds the skeleton's tensors as views into that region, and only
-when the region's contents changed since it last bound them (another expert, a new
-generation, a new region, or a restarted placement service).
+expert's packed bytes into a region of the shared arena (a host file, or a GPU's
+memory mapped through CUDA IPC) and grants a lease; the replica then only rebinds the
+skeleton's tensors as views into that region, and only when the region's contents
+changed since it last bound them (another expert, a new generation, a new region, or
+a restarted placement service, whose GPU arena is new memory the grant names).
 
 Experts with the same architecture can share one skeleton (`SharedSkeleton`): an
 executor keeps one per architecture, however many experts it runs, and binds each
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from memory_tiers.arena import DeviceArena
+from memory_tiers.device_memory import ArenaShare
 from memory_tiers.grants import Grant
 from memory_tiers.hbm import Lease
 from memory_tiers.packing import TensorIndex
@@ -50,6 +53,20 @@ def files_key(directory: Path, names: tuple[str, ...], salt: str = "") -> str:
 def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str) -> str:
     """Experts with equal keys can share one skeleton (and one engine preparation)."""
     return files_key(checkpoint_dir, SKELETON_FILES, f"{dtype}\0{engine}\0")
+
+
+def attach_device_arena(share: ArenaShare) -> DeviceArena:
+    """Map a GPU arena (or its fake) once per process: experts and skeletons of one
+    executor share the mapping, as they share the CUDA context."""
+    found = _device_arenas.get(share.arena_id)
+    if found is None:
+        found = DeviceArena.attach(share)
+        _device_arenas.clear()  # an older arena's owner is gone: its memory with it
+        _device_arenas[share.arena_id] = found
+    return found
+
+
+_device_arenas: dict[str, DeviceArena] = {}
 
 
 class SharedSkeleton:
@@ -142,16 +159,20 @@ class TieredWeights:
         self.rebinds += 1
         return True
 
-    def _buffer(self, grant: Grant) -> np.ndarray:
+    def _buffer(self, grant: Grant) -> np.ndarray | torch.Tensor:
         """The granted bytes: the DDR object itself on a zero-copy device (the views keep
         it mapped), else the lease's region of the arena."""
         if grant.source is not None:
             if self.fetch is None:
                 raise ValueError(f"expert {self.expert!r}: a zero-copy grant but no fetch")
             return self.fetch(grant.source)
+        if grant.arena is not None and (
+            self.arena is None or self.arena.arena_id != grant.arena.arena_id
+        ):
+            self.arena = attach_device_arena(grant.arena)
         if self.arena is None:
             raise ValueError(f"expert {self.expert!r}: an arena grant but no arena")
-        return self.arena.host_view(grant.lease.region)
+        return self.arena.view(grant.lease.region)
 
     def report(self, in_use: bool) -> ResidencyReport | None:
         """What this replica holds of this expert, for a restarted placement service:

@@ -118,7 +118,11 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             name=PLACEMENT_NAME,
             # Acquires wait for active slots inside the service: never queue them outside.
             max_ongoing_requests=10_000,
-            ray_actor_options={"num_cpus": 0},
+            # On a GPU it allocates the arena: Ray must show it a GPU (a small share).
+            ray_actor_options={
+                "num_cpus": 0,
+                "num_gpus": config.tiers.placement_num_gpus if config.tiers.device == "cuda" else 0,
+            },
             # Replicas report residency every second; that is not access worth logging.
             logging_config={"enable_access_log": False},
             # New experts are registered in place; the arena and its residents stay.
@@ -199,7 +203,7 @@ def executor_deployment(
         name=EXECUTOR_NAME,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
-        ray_actor_options={"num_cpus": settings.num_cpus},
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         # The pooled experts arrive through reconfigure: adding or changing one keeps
         # the executors (and their streams) running.
         user_config={

@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from actors.engines.base import BatchJob
+from actors.weights.tiered_weights import attach_device_arena
 from memory_tiers.arena import DeviceArena
 from memory_tiers.arena_files import remove_unused
 from memory_tiers.errors import GrantExpired, SourceChanged
@@ -60,9 +61,13 @@ def end_jobs_at_expiry(
 
 
 def attach_arena(described: dict[str, Any]) -> DeviceArena | None:
-    """The device arena a placement `describe` names, mapped read-only (only the placement
-    service writes it: a replica writing through its views would corrupt every replica
-    sharing the bytes); None on a zero-copy device, whose grants carry DDR objects."""
+    """The device arena a placement `describe` names: a GPU's, mapped through CUDA IPC,
+    or a host arena file, mapped read-only (only the placement service writes it: a
+    replica writing through its views would corrupt every replica sharing the bytes);
+    None on a zero-copy device, whose grants carry DDR objects."""
+    share = described.get("arena")
+    if share is not None:
+        return attach_device_arena(share)
     path = described.get("arena_path")
     if path is None:
         return None

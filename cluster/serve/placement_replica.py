@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ray.exceptions import ActorDiedError
 
@@ -38,6 +38,7 @@ from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
 logger = logging.getLogger("ray.serve")
 
 HOST_DEVICE = "host0"
+GPU_DEVICE = "gpu0"
 # A holder that does not answer in time is busy or unreachable, not dead: only Ray's
 # word that the actor died reclaims its grants.
 HOLDER_PROBE_TIMEOUT_S = 10.0
@@ -80,6 +81,12 @@ def arena_files(config: CoEConfig, device: str = HOST_DEVICE) -> re.Pattern[str]
     return re.compile(rf"coe-{app}-[0-9a-f]{{{ARENA_ID_CHARS}}}-{re.escape(device)}\.arena")
 
 
+def _ray_gpu_ids() -> list[Any]:
+    import ray
+
+    return list(ray.get_gpu_ids())
+
+
 def node_arena_id() -> str:
     """This node's id in this Ray cluster (random per start), as arena files name it."""
     import ray
@@ -97,6 +104,8 @@ class PlacementReplica:
         self.holder_is_dead: HolderProbe = actor_is_dead
         self.new_store: Callable[[], ObjectStore] = RayObjectStore
         self.arena_id: Callable[[], str] = node_arena_id
+        self.gpu_ids: Callable[[], list[Any]] = _ray_gpu_ids
+        self.gpu_arena: Literal["cuda", "fake"] = "cuda"  # "fake": a GPU stand-in in tests
         self.arena_file: Path | None = None
         self.tier_metrics = TierMetrics()
 
@@ -169,7 +178,9 @@ class PlacementReplica:
         # restart it still holds the residents.
         for stale in remove_stale(path.parent, arena_files(settings), keep=path):
             logger.warning("placement: removed %s, left behind by a stopped cluster", stale)
-        if tiers.cpu_binding == "zero_copy":
+        if tiers.device == "cuda":
+            spec = self._gpu_spec(tiers.hbm_budget_bytes)
+        elif tiers.cpu_binding == "zero_copy":
             spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="object_store")
         else:
             self.arena_file = path
@@ -185,6 +196,18 @@ class PlacementReplica:
             slot_wait_s=tiers.slot_wait_s,
             grant_lifetime_s=settings.serve.request_timeout_s,
         )
+
+    def _gpu_spec(self, budget_bytes: int) -> DeviceSpec:
+        """The arena on the GPU Ray gave this replica (CUDA_VISIBLE_DEVICES shows only
+        that one, as index 0); executors given the same GPU map it."""
+        gpus = self.gpu_ids()
+        if not gpus:
+            raise RuntimeError(
+                "tiers.device is 'cuda' but Ray gave the placement service no GPU: it asks "
+                "for tiers.placement_num_gpus of one; is there a GPU node in the cluster?"
+            )
+        logger.info("placement: arena of %d bytes on GPU %s", budget_bytes, gpus[0])
+        return DeviceSpec(GPU_DEVICE, budget_bytes, arena=self.gpu_arena, cuda_device="cuda:0")
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica (the application is deleted, Serve

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from memory_tiers import placement as placement_module
 from memory_tiers.ddr import CallableSource, CheckpointSource, InProcessObjectStore, Packed
 from memory_tiers.errors import (
     BudgetExceeded,
@@ -407,22 +408,35 @@ def test_room_held_by_pinned_experts_alone_fails_at_once() -> None:
     assert time.monotonic() - started < 30  # no wait for a release that cannot come
 
 
-def test_a_wait_for_another_callers_copy_is_bounded() -> None:
-    """On a CUDA device the admitting replica copies; if it dies or hangs mid-copy, the
+def test_a_wait_for_another_callers_copy_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy into a device arena can stall (a wedged GPU copy, a slow restore): the
     next caller for that expert gives up at the bound, its own lease given back."""
     nbytes = _expert_bytes()
     service = PlacementService(
-        [DeviceSpec("cuda0", 2 * nbytes, arena="cuda")], InProcessObjectStore(), room_wait_s=0.05
+        [DeviceSpec("gpu0", 2 * nbytes, arena="fake")], InProcessObjectStore(), room_wait_s=0.05
     )
     service.register("a", _source(0))
-    copier = service.acquire("a", "cuda0")
-    assert copier.needs_copy  # never marked ready: the copier hung
+    stalled, resume = threading.Event(), threading.Event()
+    real_copy = placement_module.copy_into
+
+    def stalling_copy(destination: Any, source: Any) -> None:
+        stalled.set()
+        resume.wait(30)
+        real_copy(destination, source)
+
+    monkeypatch.setattr(placement_module, "copy_into", stalling_copy)
+    copier: list[Lease] = []
+    thread = threading.Thread(target=lambda: copier.append(service.acquire("a", "gpu0")))
+    thread.start()
+    assert stalled.wait(30)
     with pytest.raises(SwitchFailed, match=r"did not finish within 0\.05 s"):
-        service.acquire("a", "cuda0")
-    resident = service.residency()["cuda0"].residents[0]
-    assert resident.in_use == 1  # only the hung copier's lease
-    service.mark_ready(copier, 0.01)
-    service.release(copier)
-    lease = service.acquire("a", "cuda0")  # the copy finished: a hit
+        service.acquire("a", "gpu0")
+    resident = service.residency()["gpu0"].residents[0]
+    assert resident.in_use == 1  # only the stalled copier's lease
+    resume.set()
+    thread.join(30)
+    assert copier and copier[0].needs_copy
+    service.release(copier[0])
+    lease = service.acquire("a", "gpu0")  # the copy finished: a hit
     assert not lease.needs_copy
     service.release(lease)
