@@ -25,7 +25,7 @@ from memory_tiers.packing import TensorIndex, dtype_name, tensor_views
 STAGING_CHUNK_BYTES = 64 << 20
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, dtype, None)
@@ -64,7 +64,7 @@ class ModelSkeleton:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(dtype))
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
         return cls(model.eval())
 
     @classmethod

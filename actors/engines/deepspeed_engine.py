@@ -1,9 +1,10 @@
 """The DeepSpeed inference engine.
 
 `deepspeed.init_inference` wraps the loaded model. On CUDA, kernel injection
-(DeepSpeed's fused transformer kernels) is used for the architectures DeepSpeed
-has injection policies for; everywhere else the model is wrapped without
-injection, which generates the same tokens as plain transformers.
+(DeepSpeed's fused transformer kernels) is used for the architectures that can be
+injected (`kernel_injection.injection_refusal` says why the others cannot: the demo's
+grouped-query Llama and Gemma 3 among them); everywhere else the model is wrapped
+without injection, which generates the same tokens as plain transformers.
 
 A model the engine is given (a tiered one, whose tensors are views into host memory
 the tiers manage) is wrapped only where DeepSpeed keeps it where it is, i.e. when
@@ -21,21 +22,16 @@ from typing import Any
 
 import torch
 
+from actors.engines.kernel_injection import PREPARED_MARK, injection_refusal
 from actors.engines.transformers_engine import TransformersEngine
-
-# model_type values that DeepSpeed 0.19's kernel-injection policies cover.
-KERNEL_INJECTION_TYPES = frozenset(
-    {"bert", "distilbert", "gpt2", "gptj", "gpt_neo", "gpt_neox", "opt", "bloom", "llama"}
-)
-
-# Set on a module once DeepSpeed has wrapped it (value: whether kernels were injected).
-PREPARED_MARK = "_coe_deepspeed_kernel_injection"
 
 logger = logging.getLogger(__name__)
 
 
-def kernel_injection_supported(model_type: str, cuda: bool) -> bool:
-    return cuda and model_type in KERNEL_INJECTION_TYPES
+def kernel_injection_supported(config: Any, cuda: bool) -> bool:
+    """Whether a model of `config` gets DeepSpeed's kernels (on CUDA, where its
+    architecture can be injected)."""
+    return cuda and injection_refusal(config) is None
 
 
 def init_inference_device() -> str:
@@ -76,9 +72,11 @@ class DeepSpeedEngine(TransformersEngine):
 
         # Injection replaces modules; a given model's modules are the skeleton's binding
         # points (and on the CPU there are no fused kernels anyway).
-        self.kernel_injection = self.owns_model and kernel_injection_supported(
-            model.config.model_type, torch.cuda.is_available()
-        )
+        cuda = torch.cuda.is_available()
+        self.kernel_injection = self.owns_model and kernel_injection_supported(model.config, cuda)
+        refusal = injection_refusal(model.config)
+        if cuda and refusal is not None:
+            logger.warning("expert %r: no DeepSpeed kernel injection: %s", self.name, refusal)
         wrapped = deepspeed.init_inference(
             model, dtype=dtype, replace_with_kernel_inject=self.kernel_injection
         )

@@ -246,6 +246,11 @@ class TransformersEngine:
         kwargs: dict[str, Any] = dict(inputs)
         kwargs["max_new_tokens"] = request.max_tokens
         kwargs["pad_token_id"] = self.pad_token_id
+        # Never compile: on a GPU, transformers compiles the forward pass (with CUDA
+        # graphs) for caches it deems compilable (Gemma 3's sliding-window one), and a
+        # captured graph keeps the pointers of the weights it saw, so it would go on
+        # running the previous expert's bytes after a tier switch rebinds the views.
+        kwargs["disable_compile"] = True
         kwargs.update(self._sampling_kwargs(request))
         prompt_tokens = int(inputs["input_ids"].shape[1])
         criteria = self._stop_criteria(request, prompt_tokens)
@@ -393,6 +398,7 @@ class TransformersEngine:
             "pad_token_id": self.pad_token_id,
             "streamer": rows,
             "stopping_criteria": StoppingCriteriaList([rows]),
+            "disable_compile": True,  # see _generate_kwargs
         }
         kwargs.update(self._sampling_kwargs(first))
         with self._slot, torch.inference_mode():

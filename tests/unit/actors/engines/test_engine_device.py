@@ -173,7 +173,8 @@ def test_deepspeed_serves_a_given_model_where_it_is(
 
 def test_deepspeed_on_cpu_wraps_a_given_model_as_before(tiny_checkpoint: Path) -> None:
     """On the CPU `init_inference` keeps the model on the host and injects nothing."""
-    from actors.engines.deepspeed_engine import PREPARED_MARK, DeepSpeedEngine
+    from actors.engines.deepspeed_engine import DeepSpeedEngine
+    from actors.engines.kernel_injection import PREPARED_MARK
 
     model = _cpu_model(tiny_checkpoint)
     before = _pointers(model)
@@ -183,3 +184,23 @@ def test_deepspeed_on_cpu_wraps_a_given_model_as_before(tiny_checkpoint: Path) -
     assert _pointers(engine.model) == before
     assert torch.device(engine.device) == torch.device("cpu")
     assert engine.generate(REQUEST).completion_tokens == 4
+
+
+def test_generation_never_compiles_the_forward_pass(tiny_checkpoint: Path) -> None:
+    """A compiled forward pass (CUDA graphs on a GPU) keeps the pointers of the weights
+    it captured, so it would run the previous expert after a tier switch: every
+    generation path asks transformers not to compile."""
+    engine = TransformersEngine("tiny", tiny_checkpoint, device="cpu")
+    real_generate = engine.model.generate
+    seen: list[Any] = []
+
+    def recording(**kwargs: Any) -> Any:
+        seen.append(kwargs.get("disable_compile"))
+        return real_generate(**kwargs)
+
+    engine.model.generate = recording
+    engine.generate(REQUEST)
+    list(engine.stream(REQUEST))
+    _batch(engine, ("the quick", "hello world"))
+    assert seen and all(flag is True for flag in seen), seen
+    assert len(seen) >= 3  # one call per path at least: none went around the kwargs
