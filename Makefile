@@ -70,7 +70,7 @@ lint: setup
 
 # Unit tests share nothing, so they run on every core; the Ray suites stay serial.
 test-unit: setup
-	$(PY) -m pytest -q -n auto tests/unit
+	$(PY) -m pytest -q -n auto tests/unit tests/gpu
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration

@@ -151,9 +151,14 @@ MultiplexIngressDeployment: Deployment = serve.deployment()(serve.ingress()(Mult
 
 
 def build_multiplex_app(
-    config: CoEConfig, checkpoints: dict[str, Path], max_models: int, replicas: int = 1
+    config: CoEConfig,
+    checkpoints: dict[str, Path],
+    max_models: int,
+    replicas: int = 1,
+    num_gpus: float = 0.0,
 ) -> Application:
-    """The experts of `config` behind one multiplexed deployment of `replicas` replicas."""
+    """The experts of `config` behind one multiplexed deployment of `replicas` replicas,
+    each with `num_gpus` of a GPU (its engines load onto it when it has one)."""
     if max_models < 1:
         raise ValueError(f"max_models must be >= 1, got {max_models}")
     experts = MultiplexDeployment.options(
@@ -162,7 +167,7 @@ def build_multiplex_app(
         # Every request enters the one replica and waits there (for its model's load or
         # its engine), so the counters in `info` stay reachable under load.
         max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "num_gpus": num_gpus},
     ).bind(
         [e.model_dump(mode="json") for e in config.experts],
         {name: str(path) for name, path in checkpoints.items()},

@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--scaling-duration", type=float, default=60.0, help="seconds of arrivals at other N")
     add("--systems", default=",".join(SCALE_SYSTEMS), help=f"subset of {SCALE_SYSTEMS}")
     add("--object-store-gb", type=float, default=None, help="Ray object store size")
+    add("--gpu-share", type=float, default=0.0, help="GPU per replica (0: CPU only)")
     add("--watch-interval", type=float, default=0.25, help="residency poll interval, s")
     add("--prompts", type=Path, nargs="*", default=None, help="JSONL prompt files")
     add("--seed", type=int, default=0)
@@ -112,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.experts < 2 or any(n < 2 for n in args.scaling):
         parser.error("--experts and every --scaling N must be >= 2")
+    if not 0 <= args.gpu_share <= 1:
+        parser.error(f"--gpu-share must be in [0, 1], got {args.gpu_share}")
     args.k = args.k or max(1, args.hbm_experts // args.executors)
     return args
 
@@ -131,6 +134,7 @@ def scenario_for(args: argparse.Namespace, experts: ExpertSet, count: int) -> Sc
         max_experts_per_replica=args.max_experts_per_replica,
         multiplex_replicas=args.executors,
         zero_idle_s=args.zero_idle_s,
+        gpu_share=args.gpu_share,
     )
 
 

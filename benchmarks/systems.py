@@ -100,6 +100,10 @@ class Scenario:
     max_experts_per_replica: int | None = None  # executors: None is the config's default
     multiplex_replicas: int = 1
     zero_idle_s: float = 300.0  # `zero`: seconds without a request before 1 -> 0 replicas
+    # Share of one GPU per serving replica (0: CPU only). `coe` then keeps its arena on
+    # the GPU (tiers.device cuda) and executors map it; `multiplex` and `zero` load
+    # each expert onto their share with from_pretrained.
+    gpu_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.experts < 2:
@@ -122,6 +126,8 @@ class Scenario:
             raise ValueError(f"multiplex_replicas must be >= 1, got {self.multiplex_replicas}")
         if self.zero_idle_s < 0:
             raise ValueError(f"zero_idle_s must be >= 0, got {self.zero_idle_s}")
+        if not 0 <= self.gpu_share <= 1:
+            raise ValueError(f"gpu_share must be in [0, 1], got {self.gpu_share}")
 
     @property
     def names(self) -> list[str]:
@@ -152,6 +158,9 @@ class Scenario:
         checkpoints = self.checkpoints()
         autoscaling = {**ZERO_AUTOSCALING, "idle_s": self.zero_idle_s} if zero else None
         pool: dict[str, Any] = {"enabled": executors, "num_cpus": 0}
+        gpu = self.gpu_share > 0
+        if executors and gpu:
+            pool["num_gpus"] = self.gpu_share
         if executors:
             pool["replicas"] = self.executor_replicas or 1
             if self.max_experts_per_replica is not None:
@@ -168,7 +177,7 @@ class Scenario:
             }
             if not executors:  # pooled experts take the pool's replicas and resources
                 expert["autoscaling"] = autoscaling or dict(self.autoscaling)
-                expert["ray_actor_options"] = {"num_cpus": 0}
+                expert["ray_actor_options"] = {"num_cpus": 0, "num_gpus": self.gpu_share}
             experts.append(expert)
         return parse_config(
             {
@@ -182,6 +191,7 @@ class Scenario:
                     "eviction": "lru",
                     "pinned": [],
                     "active_slots": self.active_slots or self.hbm_experts,
+                    "device": "cuda" if gpu and tiers else "cpu",
                 },
                 "executors": pool,
                 "serve": {"app_name": APP_NAME, "ingress_num_cpus": 0},
@@ -347,6 +357,7 @@ class RunningSystem:
                 scenario.checkpoints(),
                 scenario.max_models,
                 scenario.multiplex_replicas,
+                num_gpus=scenario.gpu_share,
             )
         else:
             app = build_app(scenario.system_config(self.name), scenario.checkpoints())

@@ -59,6 +59,7 @@ def test_defaults_follow_the_spec() -> None:
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["--scaling", "20,x"], "--scaling: expected N,N"),
         (["--scaling", "1,150"], "must be >= 2"),
+        (["--gpu-share", "1.5"], "--gpu-share must be in [0, 1]"),
     ],
 )
 def test_bad_arguments_are_named(
@@ -109,6 +110,20 @@ def test_each_system_gets_its_config_over_the_experts_and_arena_given(tmp_path: 
     multiplex = scenario.system_config("multiplex")
     assert not multiplex.tiers.enabled and not multiplex.executors.enabled
     assert scenario.max_models == 1 and scenario.multiplex_replicas == 2
+    assert scenario.gpu_share == 0 and coe.tiers.device == "cpu"
+
+
+def test_on_a_gpu_every_system_gets_its_share_and_coe_its_arena_there(tmp_path: Path) -> None:
+    dirs = experts(tmp_path, 3)
+    built = ExpertSet(dirs, arena_bytes=4321, real=(), too_large=())
+    scenario = scale.scenario_for(args("--hbm-experts", "2", "--gpu-share", "0.3"), built, 3)
+    coe = scenario.system_config("coe")
+    assert coe.tiers.device == "cuda" and coe.executors.num_gpus == 0.3
+    zero = scenario.system_config("zero")
+    assert zero.tiers.device == "cpu"
+    assert {e.ray_actor_options.num_gpus for e in zero.experts} == {0.3}
+    # Ray gives the multiplex replicas the same share (build_multiplex_app's num_gpus).
+    assert scenario.gpu_share == 0.3
 
 
 def test_the_copies_scenario_of_compare_is_unchanged(tmp_path: Path) -> None:
