@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines.base import BatchJob, Engine
+from actors.engines.kernel_injection import shared_skeleton
 from actors.expert_server import ExpertServer, make_engine
 from actors.weights.tiered_weights import (
     Fetch,
@@ -34,11 +35,14 @@ from actors.weights.tiered_weights import (
     skeleton_key,
 )
 from memory_tiers.arena import DeviceArena
+from memory_tiers.ddr import PLAIN_LAYOUT
 from memory_tiers.grants import Grant
 from memory_tiers.packing import TensorIndex
 from memory_tiers.placement import ResidencyReport
 
 EngineFactory = Callable[..., Engine]
+# (checkpoint_dir, dtype, engine, layout) -> the skeleton experts of that key share.
+SkeletonFactory = Callable[[Path, str, str, str], SharedSkeleton]
 # The files a tokenizer is made of: experts whose files are equal share one tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,6 +72,7 @@ class ExpertSpec:
     dtype: str = "float32"
     chat_format: str = "template"
     system_prompt: str = ""
+    layout: str = PLAIN_LAYOUT  # how its bytes are packed (kernel_injection.packed_layout)
 
 
 @dataclass
@@ -91,12 +96,14 @@ class ExpertExecutor:
         arena: DeviceArena | None,
         engine_factory: EngineFactory = make_engine,
         fetch: Fetch | None = None,
+        skeleton_factory: SkeletonFactory = shared_skeleton,
     ) -> None:
         """`arena`: the device's shared arena, or None on a zero-copy device, where each
         grant names the expert's object-store buffer and `fetch` maps it."""
         self.arena = arena
         self.fetch = fetch
         self.engine_factory = engine_factory
+        self.skeleton_factory = skeleton_factory
         self.skeletons: dict[str, SharedSkeleton] = {}
         # (skeleton key, tokenizer key) -> one tokenizer. Shared only within a skeleton,
         # whose lock serialises every use: a fast tokenizer is not safe across threads.
@@ -109,12 +116,12 @@ class ExpertExecutor:
 
     def skeleton_for(self, spec: ExpertSpec) -> SharedSkeleton:
         """The skeleton `spec`'s architecture uses, built the first time it is needed."""
-        key = skeleton_key(spec.checkpoint_dir, spec.dtype, spec.engine)
+        key = skeleton_key(spec.checkpoint_dir, spec.dtype, spec.engine, spec.layout)
         with self._guard:
             skeleton = self.skeletons.get(key)
             if skeleton is None:
-                skeleton = SharedSkeleton.from_checkpoint(
-                    spec.checkpoint_dir, spec.dtype, spec.engine
+                skeleton = self.skeleton_factory(
+                    spec.checkpoint_dir, spec.dtype, spec.engine, spec.layout
                 )
                 self.skeletons[key] = skeleton
             return skeleton

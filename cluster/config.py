@@ -561,6 +561,13 @@ class CoEConfig(StrictModel):
                 "executors.num_gpus needs tiers.device 'cuda': with host tiers the experts' "
                 "bytes stay in host memory"
             )
+        if self.tiers.enabled and not cuda:
+            for expert in self.dedicated_experts():
+                if expert.ray_actor_options.num_gpus > 0:
+                    raise ValueError(
+                        f"expert {expert.name!r}: ray_actor_options.num_gpus needs tiers.device "
+                        "'cuda': with host tiers its bytes stay in host memory"
+                    )
         if cuda:
             for expert in self.dedicated_experts():
                 if expert.ray_actor_options.num_gpus <= 0:

@@ -133,10 +133,17 @@ class CheckpointSource:
         return expert_source(self.directory, self.dtype)
 
 
-def expert_source(directory: Path, dtype: str) -> str:
+PLAIN_LAYOUT = "plain"
+
+
+def expert_source(directory: Path, dtype: str, layout: str = PLAIN_LAYOUT) -> str:
     """How a checkpoint source describes itself: what the placement service and a replica
-    compare to agree on whose bytes a grant carries."""
-    return f"checkpoint {directory} ({dtype})"
+    compare to agree on whose bytes a grant carries. `layout`: the tensors as the
+    checkpoint's model has them ("plain"), or as a transformed module does (DeepSpeed's
+    kernel injection packs its fused tensors)."""
+    if layout == PLAIN_LAYOUT:
+        return f"checkpoint {directory} ({dtype})"
+    return f"checkpoint {directory} ({dtype}, {layout} layout)"
 
 
 class CallableSource:

@@ -210,6 +210,10 @@ class PlacementService:
             raise UnknownDevice(f"device {device!r} has no arena: its replicas bind DDR")
         return self._arenas[device]
 
+    def arena_kind(self, device: str) -> str:
+        """What holds ``device``'s residents: its ``DeviceSpec.arena``."""
+        return self._specs[self._cache(device).device].arena
+
     def arena_share(self, device: str) -> ArenaShare | None:
         """How replicas on ``device`` map its arena; None on a zero-copy device."""
         self._cache(device)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memory_tiers.arena import DeviceArena
+from memory_tiers.ddr import PLAIN_LAYOUT
 from memory_tiers.device_memory import ArenaShare
 from memory_tiers.grants import Grant
 from memory_tiers.hbm import Lease
@@ -50,9 +51,10 @@ def files_key(directory: Path, names: tuple[str, ...], salt: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
-def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str) -> str:
+def skeleton_key(checkpoint_dir: Path, dtype: str, engine: str, layout: str = PLAIN_LAYOUT) -> str:
     """Experts with equal keys can share one skeleton (and one engine preparation)."""
-    return files_key(checkpoint_dir, SKELETON_FILES, f"{dtype}\0{engine}\0")
+    salt = f"{dtype}\0{engine}\0" + ("" if layout == PLAIN_LAYOUT else f"{layout}\0")
+    return files_key(checkpoint_dir, SKELETON_FILES, salt)
 
 
 def attach_device_arena(share: ArenaShare) -> DeviceArena:
@@ -81,13 +83,6 @@ class SharedSkeleton:
         # the tensors under a running generation.
         self.lock = asyncio.Lock()
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: Path, dtype: str, engine: str) -> SharedSkeleton:
-        return cls(
-            ModelSkeleton.from_checkpoint(checkpoint_dir, dtype),
-            skeleton_key(checkpoint_dir, dtype, engine),
-        )
-
     @property
     def model(self) -> Any:
         return self.skeleton.model
@@ -115,21 +110,6 @@ class TieredWeights:
         self.shared = skeleton
         self.bound_lease: Lease | None = None
         self.rebinds = 0
-
-    @classmethod
-    def own(
-        cls,
-        expert: str,
-        checkpoint_dir: Path,
-        dtype: str,
-        engine: str,
-        index: TensorIndex,
-        arena: DeviceArena | None,
-        fetch: Fetch | None = None,
-    ) -> TieredWeights:
-        """Weights on a skeleton of their own (a dedicated expert replica)."""
-        skeleton = SharedSkeleton.from_checkpoint(checkpoint_dir, dtype, engine)
-        return cls(expert, index, arena, skeleton, fetch)
 
     @property
     def model(self) -> Any:

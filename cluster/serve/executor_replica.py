@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.batching import RequestBatcher
 from actors.engines.base import BatchJob, GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.kernel_injection import packed_layout
 from actors.executor import ExecutorExpert, ExpertExecutor, ExpertSpec
 from cluster.config import ExpertSettings
 from cluster.serve.object_store import RayObjectStore
@@ -71,6 +73,10 @@ class ExecutorReplica:
         self._in_use: set[str] = set()
         self.requests: dict[str, int] = {}
         self._reporter: asyncio.Task[None] | None = None
+        self.layouts: dict[str, str] = {}
+        # Ray shows this executor its GPU share's device, or none: the same test the
+        # placement service makes from tiers.device (the config requires they agree).
+        self.gpu = bool(ray.get_gpu_ids())
 
         # Serve keeps the LRU cache on the decorated callable; a closure per replica lets
         # its size come from the config.
@@ -88,6 +94,7 @@ class ExecutorReplica:
             e["name"]: ExpertSettings.model_validate(e) for e in user_config["experts"]
         }
         self.checkpoints = {name: Path(p) for name, p in user_config["checkpoints"].items()}
+        self.layouts.clear()
         self.reconfigurations += 1
         if self._reporter is None:
             self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
@@ -99,7 +106,17 @@ class ExecutorReplica:
 
     def _source(self, name: str) -> str:
         """The bytes an expert is built for here: it never binds or runs another's."""
-        return expert_source(self.checkpoints[name], self.settings[name].dtype)
+        return expert_source(self.checkpoints[name], self.settings[name].dtype, self._layout(name))
+
+    def _layout(self, name: str) -> str:
+        """How the placement service packs the expert (the same decision, made from the
+        same config: kernel-injected for a DeepSpeed expert on GPU tiers, if it can be)."""
+        layout = self.layouts.get(name)
+        if layout is None:
+            settings = self.settings[name]
+            layout = packed_layout(settings.engine, self.checkpoints[name], self.gpu)
+            self.layouts[name] = layout
+        return layout
 
     def _digest(self, name: str) -> str:
         """What an expert's runnable state is built from; a change means a rebuild."""
@@ -121,6 +138,7 @@ class ExecutorReplica:
             dtype=settings.dtype,
             chat_format=settings.chat_format,
             system_prompt=settings.system_prompt,
+            layout=self._layout(name),
         )
         index = TensorIndex.from_json(described["index"])
         expert = await asyncio.to_thread(self.executor.load, spec, index)

@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.serve.handle import DeploymentHandle
 
 from actors.batching import RequestBatcher
 from actors.engines.base import BatchJob, GenerationRequest, GenerationResult, StreamChunk
+from actors.engines.kernel_injection import packed_layout, shared_skeleton
 from actors.expert_server import ExpertServer, make_engine
 from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ExpertSettings
@@ -55,7 +57,11 @@ class ExpertReplica:
         self.settings = settings
         self.placement = PlacementClient(placement) if placement is not None else None
         # The bytes this replica was built for: it never binds or runs another source's.
-        self.source = expert_source(Path(checkpoint_dir), settings.dtype)
+        # Their layout is the placement service's decision, made from the same config
+        # (Ray shows this replica a GPU exactly when the tiers are on one).
+        gpu = placement is not None and bool(ray.get_gpu_ids())
+        self.layout = packed_layout(settings.engine, Path(checkpoint_dir), gpu)
+        self.source = expert_source(Path(checkpoint_dir), settings.dtype, self.layout)
         self.weights: TieredWeights | None = None
         self._serial = asyncio.Lock()
         self._in_use = False
@@ -64,15 +70,11 @@ class ExpertReplica:
         if self.placement is not None:
             described = await self.placement.describe(settings.name, self.source)
             index = TensorIndex.from_json(described["index"])
-            self.weights = await asyncio.to_thread(
-                TieredWeights.own,
-                settings.name,
-                Path(checkpoint_dir),
-                settings.dtype,
-                settings.engine,
-                index,
-                attach_arena(described),
-                RayObjectStore().get,
+            skeleton = await asyncio.to_thread(
+                shared_skeleton, Path(checkpoint_dir), settings.dtype, settings.engine, self.layout
+            )
+            self.weights = TieredWeights(
+                settings.name, index, attach_arena(described), skeleton, RayObjectStore().get
             )
             grant = await self.placement.acquire(settings.name, self.source)
             self.weights.bind(grant)

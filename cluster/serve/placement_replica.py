@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 from ray.exceptions import ActorDiedError
 
+from actors.engines.kernel_injection import checkpoint_source, packed_layout
 from cluster.config import CoEConfig, parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.object_store import RayObjectStore
 from memory_tiers.arena_files import remove_stale, remove_unused
 from memory_tiers.bulk_packing import PackOutcome, pack_many
-from memory_tiers.ddr import CheckpointSource, ObjectStore, expert_source
+from memory_tiers.ddr import ObjectStore, expert_source
 from memory_tiers.grant_service import GrantService, HolderProbe, ReportVerdict
 from memory_tiers.grants import Grant
 from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
@@ -141,15 +142,21 @@ class PlacementReplica:
         named = {e.name for e in settings.experts}
         for gone in sorted({*grants.placement.experts(), *grants.broken} - named):
             grants.unregister(gone)
+        gpu = grants.placement.arena_kind(grants.device) in ("cuda", "fake")
+        layouts = {
+            e.name: packed_layout(e.engine, checkpoints[e.name], gpu) for e in settings.experts
+        }
         new = [
             e
             for e in settings.experts
-            if grants.source(e.name) != expert_source(checkpoints[e.name], e.dtype)
+            if grants.source(e.name) != expert_source(checkpoints[e.name], e.dtype, layouts[e.name])
         ]
         if not new:
             return
-        sources = {e.name: CheckpointSource(checkpoints[e.name], e.dtype) for e in new}
-        keys = {e.name: (str(checkpoints[e.name]), e.dtype) for e in new}
+        sources = {
+            e.name: checkpoint_source(checkpoints[e.name], e.dtype, layouts[e.name]) for e in new
+        }
+        keys = {e.name: (str(checkpoints[e.name]), e.dtype, layouts[e.name]) for e in new}
         step = max(1, len(new) // 10)
 
         def packed(expert: str, outcome: PackOutcome) -> None:

@@ -17,11 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from actors.engines.kernel_injection import shared_skeleton
 from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ConfigError, parse_config
 from cluster.serve.placement_client import attach_arena
 from cluster.serve.placement_replica import GPU_DEVICE, PlacementReplica
 from memory_tiers.ddr import InProcessObjectStore, expert_source
+from memory_tiers.errors import SourceChanged
 from memory_tiers.packing import TensorIndex
 from tests.unit.cluster.serve.test_placement_replica import NAMES, _checkpoint, _config_data
 
@@ -63,13 +65,11 @@ class Executor:
         self.replica = replica
         self.source = expert_source(checkpoint, "float32")
         described = replica.describe(expert, self.source)
-        self.weights = TieredWeights.own(
+        self.weights = TieredWeights(
             expert,
-            checkpoint,
-            "float32",
-            "transformers",
             TensorIndex.from_json(described["index"]),
             attach_arena(described),
+            shared_skeleton(checkpoint, "float32", "transformers"),
         )
 
     def logits(self) -> tuple[torch.Tensor, bool]:
@@ -179,3 +179,66 @@ def test_gpu_tiers_need_executors_with_a_gpu_share(tmp_path: Path) -> None:
         parse_config(data)
     data["experts"][0]["ray_actor_options"] = {"num_gpus": 0.25}
     parse_config(data)
+    # A GPU share for a tiered expert whose bytes stay in host memory would be idle.
+    data["tiers"]["device"] = "cpu"
+    data["executors"]["num_gpus"] = 0
+    with pytest.raises(ConfigError, match=r"'a'.*num_gpus needs tiers\.device 'cuda'"):
+        parse_config(data)
+
+
+def test_a_deepspeed_expert_on_gpu_tiers_is_packed_and_bound_injected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where its architecture can be injected, a DeepSpeed expert's bytes are packed in
+    the injected layout (the placement service injects a private copy), its replicas
+    agree on that source, and their skeleton is the injected module. The fake injector
+    stands in for DeepSpeed's, whose kernels need CUDA; Llama itself is refused."""
+    from actors.engines import kernel_injection
+    from tests.unit.actors.engines.test_kernel_injection import fake_inject
+
+    monkeypatch.setattr(kernel_injection, "injection_refusal", lambda config: None)
+    monkeypatch.setattr(kernel_injection, "deepspeed_inject", fake_inject)
+    for seed, name in enumerate(NAMES):
+        _checkpoint(tmp_path / name, seed)
+    data = _gpu_config(tmp_path)
+    data["experts"][1]["engine"] = "deepspeed"
+    replica = PlacementReplica()
+    replica.new_store = InProcessObjectStore
+    replica.arena_id = lambda: "0123456789ab"
+    replica.gpu_ids = lambda: ["0"]
+    replica.gpu_arena = "fake"
+    replica.reconfigure(
+        {"config": data, "checkpoints": {name: str(tmp_path / name) for name in NAMES}}
+    )
+    checkpoint = tmp_path / "b"
+    layout = kernel_injection.packed_layout("deepspeed", checkpoint, gpu=True)
+    assert layout == kernel_injection.INJECTED_LAYOUT
+    assert kernel_injection.packed_layout("transformers", checkpoint, gpu=True) == "plain"
+    assert kernel_injection.packed_layout("deepspeed", checkpoint, gpu=False) == "plain"
+    source = expert_source(checkpoint, "float32", layout)
+    with pytest.raises(SourceChanged):  # a replica that would bind the plain layout
+        replica.describe("b", expert_source(checkpoint, "float32"))
+    described = replica.describe("b", source)
+    index = TensorIndex.from_json(described["index"])
+    assert any(entry.name.endswith("mlp.gate_up") for entry in index)
+    weights = TieredWeights(
+        "b",
+        index,
+        attach_arena(described),
+        kernel_injection.shared_skeleton(checkpoint, "float32", "deepspeed", layout),
+    )
+
+    async def logits() -> torch.Tensor:
+        grant = await replica.acquire("b", "", None, source)
+        try:
+            weights.bind(grant)
+            with torch.inference_mode():
+                return weights.model(TOKENS).logits
+        finally:
+            replica.release(grant)
+
+    torch.testing.assert_close(asyncio.run(logits()), _reference(checkpoint), rtol=1e-5, atol=1e-5)
+    # The transformers experts beside it keep the plain layout.
+    plain = replica.describe("a", expert_source(tmp_path / "a", "float32"))
+    plain_index = TensorIndex.from_json(plain["index"])
+    assert any(entry.name.endswith("gate_proj.weight") for entry in plain_index)
