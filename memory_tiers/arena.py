@@ -310,7 +310,10 @@ class DeviceArena:
         _check_capacity(capacity)
         tensor, token = fake_device_tensor(capacity)
         arena = cls("fake", capacity, device_tensor=tensor, arena_id=token)
-        arena._share = ArenaShare("fake", capacity, token, handle=(token,))
+        # A uuid of its own, as a GPU has: executors find "their" device by it in tests.
+        arena._share = ArenaShare(
+            "fake", capacity, token, device_uuid=f"fake-{token}", handle=(token,)
+        )
         return arena
 
     # -- sharing -----------------------------------------------------------------

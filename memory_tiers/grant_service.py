@@ -1,4 +1,8 @@
-"""The placement protocol expert replicas follow, around one device's `PlacementService`.
+"""The placement protocol expert replicas follow, around a node's `PlacementService`.
+
+One device (a host arena, a GPU) or several (every GPU of a node, each with its own
+arena and active slots): a replica names its device, and one that names none gets the
+first.
 
 `GrantService` adds what serving needs on top of the placement service:
 
@@ -38,11 +42,18 @@ import numpy as np
 from memory_tiers.arena import Region
 from memory_tiers.ddr import ExpertSource, ObjectStore, Packed
 from memory_tiers.device_memory import ArenaShare
-from memory_tiers.errors import ArenaError, ExpertUnavailable, SourceChanged, TierError
+from memory_tiers.errors import (
+    ArenaError,
+    ExpertUnavailable,
+    SourceChanged,
+    TierError,
+    UnknownDevice,
+)
 from memory_tiers.grants import Grant, GrantLedger
 from memory_tiers.hbm import Lease
 from memory_tiers.placement import DeviceSpec, ExpertRecord, PlacementService, ResidencyReport
 from memory_tiers.sram import ActiveSlots
+from memory_tiers.tier_stats import total_slot_stats
 
 # After a restart, replicas report what they hold within this many seconds; switches
 # that would overwrite arena bytes wait that long so a reported expert is not clobbered.
@@ -88,7 +99,7 @@ class GrantService:
 
     def __init__(
         self,
-        device: DeviceSpec,
+        device: DeviceSpec | Sequence[DeviceSpec],
         store: ObjectStore,
         *,
         is_dead: HolderProbe,
@@ -102,10 +113,13 @@ class GrantService:
         grant_lifetime_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.device = device.name
-        self.restarted = arena_survived(device)  # checked before the arena is opened
-        self.placement = PlacementService([device], store, policy)
-        self.slots = ActiveSlots(active_slots, slot_wait_s)
+        specs = [device] if isinstance(device, DeviceSpec) else list(device)
+        self.devices = [spec.name for spec in specs]
+        self.device = self.devices[0]  # what a replica that names no device gets
+        # Checked before the arenas are opened.
+        self.restarted = any(arena_survived(spec) for spec in specs)
+        self.placement = PlacementService(specs, store, policy)
+        self.device_slots = {name: ActiveSlots(active_slots, slot_wait_s) for name in self.devices}
         self.ledger = GrantLedger()
         self.incarnation = uuid.uuid4().hex
         self.is_dead = is_dead
@@ -206,7 +220,7 @@ class GrantService:
             return
         for name in self.pinned:
             if name not in self.broken:
-                self.placement.pin(name, self.device)
+                self.pin(name)
         self.pinned = []
 
     async def _after_grace(self) -> None:
@@ -215,8 +229,39 @@ class GrantService:
             await asyncio.sleep(delay)
             for name in self.pinned:  # pin once reported residents are known
                 if name not in self.broken:
-                    await asyncio.to_thread(self.placement.pin, name, self.device)
+                    await asyncio.to_thread(self.pin, name)
             self.pinned = []
+
+    @property
+    def slots(self) -> ActiveSlots:
+        """The default device's active slots (the only device's, on one device)."""
+        return self.device_slots[self.device]
+
+    def _device(self, device: str | None) -> str:
+        if device is None:
+            return self.device
+        if device not in self.device_slots:
+            raise UnknownDevice(f"unknown device {device!r}; devices: {self.devices}")
+        return device
+
+    def device_for(self, gpu_uuid: str | None) -> str:
+        """The device whose arena is on the GPU `gpu_uuid` (what an executor Ray put on
+        that GPU asks for); the default device for a replica without a GPU or a service
+        without GPU arenas."""
+        on_gpus = {}
+        for name in self.devices:
+            share = self.placement.arena_share(name)
+            if share is not None and share.device_uuid is not None:
+                on_gpus[share.device_uuid] = name
+        if not on_gpus or gpu_uuid is None:
+            return self.device
+        found = on_gpus.get(gpu_uuid)
+        if found is None:
+            raise UnknownDevice(
+                f"GPU {gpu_uuid} holds no arena of this placement service (its arenas are "
+                f"on {sorted(on_gpus)}): executors must run on the placement service's node"
+            )
+        return found
 
     def _check_available(self, expert: str) -> None:
         reason = self.broken.get(expert)
@@ -225,33 +270,37 @@ class GrantService:
 
     # -- what replicas call --------------------------------------------------------
 
-    def describe(self, expert: str, source: str | None = None) -> dict[str, Any]:
+    def describe(
+        self, expert: str, source: str | None = None, device: str | None = None
+    ) -> dict[str, Any]:
         """The arena file (None on a zero-copy device: grants carry the DDR object
         instead) and the tensor index an expert replica binds against. `source`: the
         source the replica was built for; `SourceChanged` when the packed one differs."""
+        device = self._device(device)
         self._check_available(expert)
         self._check_source(expert, source)
         index = self.placement.index(expert)
-        path = (
-            None
-            if self.placement.zero_copy(self.device)
-            else self.placement.arena_path(self.device)
-        )
+        path = None if self.placement.zero_copy(device) else self.placement.arena_path(device)
         return {
-            "device": self.device,
+            "device": device,
             "arena_path": str(path) if path is not None else None,
-            "arena": self._device_share(),
+            "arena": self._device_share(device),
             "index": index.to_json(),
         }
 
-    def _device_share(self) -> ArenaShare | None:
+    def _device_share(self, device: str) -> ArenaShare | None:
         """A device arena's share (a GPU's memory, mapped through CUDA IPC), which
         replicas map from a grant; None for a host arena file or a zero-copy device."""
-        share = self.placement.arena_share(self.device)
+        share = self.placement.arena_share(device)
         return share if share is not None and share.kind != "file" else None
 
     async def acquire(
-        self, expert: str, holder: str = "", contact: Any = None, source: str | None = None
+        self,
+        expert: str,
+        holder: str = "",
+        contact: Any = None,
+        source: str | None = None,
+        device: str | None = None,
     ) -> Grant:
         """A grant for one request. `holder` (the replica's id) and `contact` (what the
         liveness probe asks) let the service take the grant back should the replica die
@@ -259,22 +308,24 @@ class GrantService:
         Raises `SlotWaitTimeout` when no active slot frees up within `slot_wait_s`, and
         `SourceChanged` when `source` (what the replica was built for) is not what the
         expert's bytes were packed from: a replica never runs another source's bytes."""
+        device = self._device(device)
         self._check_available(expert)
         self._check_source(expert, source)
         await self._after_grace()
         started = time.perf_counter()
-        slot = await self.slots.acquire(expert)
+        slots = self.device_slots[device]
+        slot = await slots.acquire(expert)
         waited = time.perf_counter() - started
         try:
-            lease = await self.placement.acquire_async(expert, self.device)
+            lease = await self.placement.acquire_async(expert, device)
         except BaseException:
-            self.slots.release(slot)
+            slots.release(slot)
             raise
         try:
             self._check_source(expert, source)  # replaced while this request waited
         except SourceChanged:
             self._release_lease(lease)
-            self.slots.release(slot)
+            slots.release(slot)
             raise
         expires_at = None
         if holder:
@@ -284,7 +335,7 @@ class GrantService:
             self.ledger.record(holder, contact, lease, slot, expires_at)
             self._watch_holders()
         source = None
-        if self.placement.zero_copy(self.device):
+        if self.placement.zero_copy(device):
             source = self.placement.ddr_ref(expert)
         return Grant(
             lease=lease,
@@ -293,7 +344,7 @@ class GrantService:
             slot_wait_s=waited,
             expires_at=expires_at,
             source=source,
-            arena=self._device_share(),
+            arena=self._device_share(device),
         )
 
     def release(self, grant: Grant) -> bool:
@@ -302,14 +353,15 @@ class GrantService:
         if grant.incarnation != self.incarnation:
             return self._release_old_lease(grant)
         held = self.ledger.settle(grant.lease.lease_id)
-        if held is None and not self.slots.holds(grant.slot):
+        slots = self.device_slots.get(grant.lease.device)
+        if held is None and (slots is None or not slots.holds(grant.slot)):
             self.logger.warning(
                 "placement: lease %d on %s was given back after it had been taken back",
                 grant.lease.lease_id,
                 grant.lease.expert,
             )
             return False
-        self._release_slot(grant.slot)
+        self._release_slot(grant.lease.device, grant.slot)
         self._release_lease(grant.lease)
         return True
 
@@ -329,9 +381,9 @@ class GrantService:
                 self.placement.release(lease)
         return True
 
-    def _release_slot(self, slot: int) -> None:
+    def _release_slot(self, device: str, slot: int) -> None:
         try:
-            self.slots.release(slot)
+            self.device_slots[device].release(slot)
         except ValueError as error:  # already reclaimed: nothing left to give back
             self.logger.warning("placement: ignoring release of slot %d: %s", slot, error)
 
@@ -342,8 +394,10 @@ class GrantService:
             self.logger.warning("placement: ignoring release of %s: %s", lease.lease_id, error)
 
     async def prefetch(self, expert: str) -> bool:
-        """Start switching `expert` in ahead of its request; True if a copy was made."""
-        if expert in self.broken:
+        """Start switching `expert` in ahead of its request; True if a copy was made.
+        With several devices it does nothing: which GPU's executor takes the request is
+        Serve's choice, made later, and a copy onto another GPU would only evict there."""
+        if expert in self.broken or len(self.devices) > 1:
             return False
         await self._after_grace()
         return await asyncio.to_thread(self.placement.prefetch, expert, self.device)
@@ -447,7 +501,7 @@ class GrantService:
         now = self.clock()
         expired = self.ledger.expire(now)
         for held in expired:
-            self._release_slot(held.slot)
+            self._release_slot(held.lease.device, held.slot)
             self._release_lease(held.lease)
             self.logger.warning(
                 "placement: took back lease %d on %s (and its active slot) from %s, "
@@ -481,7 +535,7 @@ class GrantService:
             if not dead:
                 continue
             for held in self.ledger.reclaim(holder):
-                self._release_slot(held.slot)
+                self._release_slot(held.lease.device, held.slot)
                 self._release_lease(held.lease)
                 reclaimed += 1
                 self.logger.warning(
@@ -507,11 +561,18 @@ class GrantService:
             "reclaimed_grants": self.ledger.reclaimed,
             "expired_grants": self.ledger.expired,
             "broken": dict(self.broken),
-            "slots": self.slots.stats().to_dict(),
+            "slots": total_slot_stats(s.stats() for s in self.device_slots.values()).to_dict(),
+            "slots_by_device": {
+                name: slots.stats().to_dict() for name, slots in self.device_slots.items()
+            },
         }
 
     def pin(self, expert: str) -> None:
-        self.placement.pin(expert, self.device)
+        """Keep `expert` resident on every device (a pinned expert never waits for a
+        switch, whichever GPU serves it)."""
+        for device in self.devices:
+            self.placement.pin(expert, device)
 
     def unpin(self, expert: str) -> None:
-        self.placement.unpin(expert, self.device)
+        for device in self.devices:
+            self.placement.unpin(expert, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +74,20 @@ class SlotStats:
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in asdict(self).items()}
+
+
+def total_slot_stats(per_device: Iterable[SlotStats]) -> SlotStats:
+    """Several devices' slots as one (counts summed, the longest wait kept)."""
+    total = SlotStats(slots=0)
+    for stats in per_device:
+        total.slots += stats.slots
+        total.active += stats.active
+        total.acquisitions += stats.acquisitions
+        total.waits += stats.waits
+        total.wait_seconds_total += stats.wait_seconds_total
+        total.wait_seconds_max = max(total.wait_seconds_max, stats.wait_seconds_max)
+        total.timeouts += stats.timeouts
+    return total
 
 
 def _mib(nbytes: int) -> str:

@@ -25,6 +25,7 @@ from cluster.serve.deployments import (
     PlacementDeployment,
     RouterDeployment,
 )
+from cluster.serve.placement_replica import SEE_EVERY_GPU
 from cluster.serve.ray_internals import with_version
 from cluster.setup_steps import prepare_checkpoints
 
@@ -118,11 +119,7 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
             name=PLACEMENT_NAME,
             # Acquires wait for active slots inside the service: never queue them outside.
             max_ongoing_requests=10_000,
-            # On a GPU it allocates the arena: Ray must show it a GPU (a small share).
-            ray_actor_options={
-                "num_cpus": 0,
-                "num_gpus": config.tiers.placement_num_gpus if config.tiers.device == "cuda" else 0,
-            },
+            ray_actor_options=placement_actor_options(config),
             # Replicas report residency every second; that is not access worth logging.
             logging_config={"enable_access_log": False},
             # New experts are registered in place; the arena and its residents stay.
@@ -179,6 +176,18 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     return _versioned(ingress, *version_parts).bind(
         as_dict, router, experts, placement, api_key, executors, [e.name for e in pooled]
     )
+
+
+def placement_actor_options(config: CoEConfig) -> dict[str, Any]:
+    """On GPU tiers the placement service keeps an arena on every GPU of its node: Ray
+    puts it on a GPU node (a small share of one GPU) and leaves all of them visible."""
+    if config.tiers.device != "cuda":
+        return {"num_cpus": 0}
+    return {
+        "num_cpus": 0,
+        "num_gpus": config.tiers.placement_num_gpus,
+        "runtime_env": {"env_vars": SEE_EVERY_GPU},
+    }
 
 
 def executor_deployment(

@@ -21,6 +21,7 @@ from actors.engines.base import BatchJob
 from actors.weights.tiered_weights import attach_device_arena
 from memory_tiers.arena import DeviceArena
 from memory_tiers.arena_files import remove_unused
+from memory_tiers.device_memory import gpu_uuid
 from memory_tiers.errors import GrantExpired, SourceChanged
 from memory_tiers.grant_service import SETTLED_VERDICTS
 from memory_tiers.grants import Grant
@@ -94,6 +95,9 @@ class PlacementClient:
         # (a binding only serves grants of its own incarnation, so once judged, nothing
         # about it can change; a replica idle for days must not keep asking).
         self.settled: set[tuple[str, str, int, int]] = set()
+        # The device this replica takes grants on: its GPU's arena, found by the GPU's
+        # uuid on the first describe (None: not asked yet).
+        self.device: str | None = None
 
     async def call(
         self, method: str, *args: Any, also_retry: tuple[type[Exception], ...] = ()
@@ -115,15 +119,17 @@ class PlacementClient:
         `source`: after a `coe apply` that changed the expert, the new replica may ask
         before the service has repacked it, and waits (bounded) rather than bind the old
         bytes."""
+        if self.device is None:
+            self.device = str(await self.call("device_for", local_gpu_uuid()))
         described: dict[str, Any] = await self.call(
-            "describe", expert, source, also_retry=(SourceChanged,)
+            "describe", expert, source, self.device, also_retry=(SourceChanged,)
         )
         return described
 
     async def acquire(self, expert: str, source: str | None = None) -> Grant:
         """A grant for one request on bytes of `source` (`SourceChanged` if the service
         holds another source's: this replica is being replaced)."""
-        grant: Grant = await self.call("acquire", expert, *self.holder, source)
+        grant: Grant = await self.call("acquire", expert, *self.holder, source, self.device)
         return grant
 
     async def give_back(self, grant: Grant) -> None:
@@ -151,6 +157,17 @@ class PlacementClient:
             return
         if verdict in SETTLED_VERDICTS:
             self.settled.add(key)
+
+
+def local_gpu_uuid() -> str | None:
+    """The uuid of the GPU Ray gave this replica (it sees that one as index 0), or None
+    for a replica without a GPU share."""
+    import ray
+    import torch
+
+    if not ray.get_gpu_ids() or not torch.cuda.is_available():
+        return None
+    return gpu_uuid(torch.device("cuda", 0))
 
 
 def _this_actor() -> tuple[str, Any]:

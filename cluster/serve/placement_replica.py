@@ -39,7 +39,10 @@ from memory_tiers.placement import DeviceSpec, PlacementService, ResidencyReport
 logger = logging.getLogger("ray.serve")
 
 HOST_DEVICE = "host0"
-GPU_DEVICE = "gpu0"
+GPU_DEVICE_PREFIX = "gpu"  # gpu0, gpu1, ...: the node's GPUs in CUDA's order
+# Ray sets CUDA_VISIBLE_DEVICES to a replica's own share; the placement service must
+# see every GPU of its node to keep an arena on each.
+SEE_EVERY_GPU = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 # A holder that does not answer in time is busy or unreachable, not dead: only Ray's
 # word that the actor died reclaims its grants.
 HOLDER_PROBE_TIMEOUT_S = 10.0
@@ -88,6 +91,12 @@ def _ray_gpu_ids() -> list[Any]:
     return list(ray.get_gpu_ids())
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
 def node_arena_id() -> str:
     """This node's id in this Ray cluster (random per start), as arena files name it."""
     import ray
@@ -106,6 +115,7 @@ class PlacementReplica:
         self.new_store: Callable[[], ObjectStore] = RayObjectStore
         self.arena_id: Callable[[], str] = node_arena_id
         self.gpu_ids: Callable[[], list[Any]] = _ray_gpu_ids
+        self.gpu_count: Callable[[], int] = _visible_gpus
         self.gpu_arena: Literal["cuda", "fake"] = "cuda"  # "fake": a GPU stand-in in tests
         self.arena_file: Path | None = None
         self.tier_metrics = TierMetrics()
@@ -185,15 +195,16 @@ class PlacementReplica:
         # restart it still holds the residents.
         for stale in remove_stale(path.parent, arena_files(settings), keep=path):
             logger.warning("placement: removed %s, left behind by a stopped cluster", stale)
+        specs: list[DeviceSpec]
         if tiers.device == "cuda":
-            spec = self._gpu_spec(tiers.hbm_budget_bytes)
+            specs = self._gpu_specs(tiers.hbm_budget_bytes)
         elif tiers.cpu_binding == "zero_copy":
-            spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="object_store")
+            specs = [DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="object_store")]
         else:
             self.arena_file = path
-            spec = DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)
+            specs = [DeviceSpec(HOST_DEVICE, tiers.hbm_budget_bytes, arena="file", arena_path=path)]
         return GrantService(
-            spec,
+            specs,
             self.new_store(),
             is_dead=self.holder_is_dead,
             policy=tiers.eviction,
@@ -204,17 +215,32 @@ class PlacementReplica:
             grant_lifetime_s=settings.serve.request_timeout_s,
         )
 
-    def _gpu_spec(self, budget_bytes: int) -> DeviceSpec:
-        """The arena on the GPU Ray gave this replica (CUDA_VISIBLE_DEVICES shows only
-        that one, as index 0); executors given the same GPU map it."""
-        gpus = self.gpu_ids()
-        if not gpus:
+    def _gpu_specs(self, budget_bytes: int) -> list[DeviceSpec]:
+        """One arena on every GPU of this node. Ray placed this replica on a GPU node (it
+        asks for a share of one) but leaves every GPU of the node visible to it
+        (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), so executors on any of them map
+        their GPU's arena."""
+        if not self.gpu_ids():
             raise RuntimeError(
                 "tiers.device is 'cuda' but Ray gave the placement service no GPU: it asks "
                 "for tiers.placement_num_gpus of one; is there a GPU node in the cluster?"
             )
-        logger.info("placement: arena of %d bytes on GPU %s", budget_bytes, gpus[0])
-        return DeviceSpec(GPU_DEVICE, budget_bytes, arena=self.gpu_arena, cuda_device="cuda:0")
+        count = self.gpu_count()
+        if count < 1:
+            raise RuntimeError(
+                "Ray gave the placement service a GPU but torch sees no GPU "
+                "(torch.cuda.device_count() is 0): is torch's CUDA build installed?"
+            )
+        logger.info("placement: an arena of %d bytes on each of %d GPUs", budget_bytes, count)
+        return [
+            DeviceSpec(
+                f"{GPU_DEVICE_PREFIX}{index}",
+                budget_bytes,
+                arena=self.gpu_arena,
+                cuda_device=f"cuda:{index}",
+            )
+            for index in range(count)
+        ]
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica (the application is deleted, Serve
@@ -243,17 +269,29 @@ class PlacementReplica:
 
     # -- what replicas call --------------------------------------------------------
 
-    def describe(self, expert: str, source: str | None = None) -> dict[str, Any]:
-        """The arena file and tensor index an expert replica binds against."""
-        return self._require().describe(expert, source)
+    def device_for(self, gpu_uuid: str | None) -> str:
+        """The device a replica on the GPU `gpu_uuid` (None: no GPU) takes grants on."""
+        return self._require().device_for(gpu_uuid)
+
+    def describe(
+        self, expert: str, source: str | None = None, device: str | None = None
+    ) -> dict[str, Any]:
+        """The arena and tensor index an expert replica binds against."""
+        return self._require().describe(expert, source, device)
 
     async def acquire(
-        self, expert: str, holder: str = "", contact: Any = None, source: str | None = None
+        self,
+        expert: str,
+        holder: str = "",
+        contact: Any = None,
+        source: str | None = None,
+        device: str | None = None,
     ) -> Grant:
         """A grant for one request. `holder` (the replica's actor id) and `contact` (its
         actor handle) let the service take the grant back should the replica die;
-        `source` is what the replica was built for (see GrantService.acquire)."""
-        return await self._require().acquire(expert, holder, contact, source)
+        `source` is what the replica was built for (see GrantService.acquire); `device`
+        is where the replica runs (`device_for`)."""
+        return await self._require().acquire(expert, holder, contact, source, device)
 
     def release(self, grant: Grant) -> bool:
         """Give a grant back; False when it had already been taken back (see

@@ -21,13 +21,14 @@ from actors.engines.kernel_injection import shared_skeleton
 from actors.weights.tiered_weights import TieredWeights
 from cluster.config import ConfigError, parse_config
 from cluster.serve.placement_client import attach_arena
-from cluster.serve.placement_replica import GPU_DEVICE, PlacementReplica
+from cluster.serve.placement_replica import PlacementReplica
 from memory_tiers.ddr import InProcessObjectStore, expert_source
-from memory_tiers.errors import SourceChanged
+from memory_tiers.errors import SourceChanged, UnknownDevice
 from memory_tiers.packing import TensorIndex
 from tests.unit.cluster.serve.test_placement_replica import NAMES, _checkpoint, _config_data
 
 TOKENS = torch.tensor([[1, 5, 9, 2, 7]])
+GPU_DEVICE = "gpu0"
 
 
 def _gpu_config(tmp_path: Path) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def _gpu_config(tmp_path: Path) -> dict[str, Any]:
     return data
 
 
-def _replica(tmp_path: Path, gpus: list[Any] | None = None) -> PlacementReplica:
+def _replica(tmp_path: Path, gpus: list[Any] | None = None, gpu_count: int = 1) -> PlacementReplica:
     checkpoints = {name: tmp_path / name for name in NAMES}
     for seed, name in enumerate(NAMES):
         if not checkpoints[name].exists():
@@ -48,6 +49,7 @@ def _replica(tmp_path: Path, gpus: list[Any] | None = None) -> PlacementReplica:
     replica.arena_id = lambda: "0123456789ab"
     replica.gpu_ids = lambda: ["3"] if gpus is None else gpus
     replica.gpu_arena = "fake"
+    replica.gpu_count = lambda: gpu_count
     replica.reconfigure(
         {
             "config": _gpu_config(tmp_path),
@@ -61,10 +63,13 @@ class Executor:
     """What one executor process does with the tiers: its own skeleton, the device
     arena mapped from what the placement service describes, a grant per batch."""
 
-    def __init__(self, replica: PlacementReplica, expert: str, checkpoint: Path) -> None:
+    def __init__(
+        self, replica: PlacementReplica, expert: str, checkpoint: Path, device: str = GPU_DEVICE
+    ) -> None:
         self.replica = replica
+        self.device = device
         self.source = expert_source(checkpoint, "float32")
-        described = replica.describe(expert, self.source)
+        described = replica.describe(expert, self.source, device)
         self.weights = TieredWeights(
             expert,
             TensorIndex.from_json(described["index"]),
@@ -74,7 +79,9 @@ class Executor:
 
     def logits(self) -> tuple[torch.Tensor, bool]:
         async def run() -> tuple[torch.Tensor, bool]:
-            grant = await self.replica.acquire(self.weights.expert, "", None, self.source)
+            grant = await self.replica.acquire(
+                self.weights.expert, "", None, self.source, self.device
+            )
             try:
                 self.weights.bind(grant)
                 with torch.inference_mode():
@@ -156,6 +163,8 @@ def test_a_placement_service_without_a_gpu_says_which_setting_asks_for_one(
 ) -> None:
     with pytest.raises(RuntimeError, match="placement_num_gpus"):
         _replica(tmp_path, gpus=[])
+    with pytest.raises(RuntimeError, match="torch sees no GPU"):
+        _replica(tmp_path, gpu_count=0)
 
 
 def _validate(tmp_path: Path, **changes: Any) -> None:
@@ -207,6 +216,7 @@ def test_a_deepspeed_expert_on_gpu_tiers_is_packed_and_bound_injected(
     replica.arena_id = lambda: "0123456789ab"
     replica.gpu_ids = lambda: ["0"]
     replica.gpu_arena = "fake"
+    replica.gpu_count = lambda: 1
     replica.reconfigure(
         {"config": data, "checkpoints": {name: str(tmp_path / name) for name in NAMES}}
     )
@@ -242,3 +252,35 @@ def test_a_deepspeed_expert_on_gpu_tiers_is_packed_and_bound_injected(
     plain = replica.describe("a", expert_source(tmp_path / "a", "float32"))
     plain_index = TensorIndex.from_json(plain["index"])
     assert any(entry.name.endswith("gate_proj.weight") for entry in plain_index)
+
+
+def test_every_gpu_of_the_node_gets_its_arena_and_executors_use_their_own(
+    tmp_path: Path,
+) -> None:
+    """Two GPUs: an arena (budget, slots, residents) on each; an executor takes grants
+    on the device whose arena is on its GPU, found by the GPU's uuid."""
+    replica = _replica(tmp_path, gpu_count=2)
+    grants = replica._require()
+    assert grants.devices == ["gpu0", "gpu1"]
+    shares = {device: replica.describe("a", None, device)["arena"] for device in grants.devices}
+    assert shares["gpu0"].arena_id != shares["gpu1"].arena_id
+    assert replica.device_for(shares["gpu1"].device_uuid) == "gpu1"
+    assert replica.device_for(None) == "gpu0"  # a replica without a GPU: the default
+    with pytest.raises(UnknownDevice, match="placement service's node"):
+        replica.device_for("GPU-on-another-node")
+
+    reference = _reference(tmp_path / "a")
+    on_first = Executor(replica, "a", tmp_path / "a", "gpu0")
+    on_second = Executor(replica, "a", tmp_path / "a", "gpu1")
+    for executor in (on_first, on_second):
+        logits, copied = executor.logits()
+        assert copied  # each GPU switches the expert into its own arena
+        torch.testing.assert_close(logits, reference)
+    residency = replica.residency()
+    assert [r["expert"] for r in residency["gpu0"]["residents"]] == ["a"]
+    assert [r["expert"] for r in residency["gpu1"]["residents"]] == ["a"]
+    slots = replica.metrics()["slots_by_device"]
+    assert slots["gpu0"]["acquisitions"] == 1 and slots["gpu1"]["acquisitions"] == 1
+    assert replica.metrics()["slots"]["acquisitions"] == 2
+    # A hint cannot know which GPU's executor will take the request: it copies nothing.
+    assert asyncio.run(replica.prefetch("b")) is False
