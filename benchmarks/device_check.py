@@ -91,6 +91,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 PROMPT_IDS = [[5, 17, 42, 9, 88, 3, 61, 20]]
+# Weights drawn wider than the default 0.02: a random model's next token then depends
+# on the context, so equal tokens mean equal computation, not a repeated token.
+SHARP_INIT = {"initializer_range": 0.3}
 NEW_TOKENS = 16
 
 
@@ -150,7 +153,8 @@ def _tiny_model(model_type: str, settings: dict[str, Any]) -> Any:
     torch.manual_seed(0)
     # Token ids inside the small vocabulary (GPT-2's defaults name id 50256).
     config = AutoConfig.for_model(
-        model_type, **{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **settings}
+        model_type,
+        **{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **SHARP_INIT, **settings},
     )
     return AutoModelForCausalLM.from_config(config).eval()
 

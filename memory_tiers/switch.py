@@ -10,6 +10,7 @@ allocation, no module construction.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -185,13 +186,18 @@ def copy_into(destination: np.ndarray | torch.Tensor, source: np.ndarray) -> Non
 
 
 class _Staging:
-    """Two pinned host buffers reused across copies by one process."""
+    """Two pinned host buffers reused across copies by one process, and the lock a copy
+    holds while it uses them: the placement service switches experts in on several
+    threads at once, and two copies filling the same staging buffer would corrupt each
+    other (they share the host -> device link anyway, so nothing is lost by waiting)."""
 
     buffers: ClassVar[list[torch.Tensor]] = []
     chunk_bytes: ClassVar[int] = 0
+    lock: ClassVar[threading.Lock] = threading.Lock()
 
 
 def _staging_buffers(chunk_bytes: int) -> list[torch.Tensor]:
+    """The staging buffers (call with `_Staging.lock` held)."""
     if _Staging.chunk_bytes != chunk_bytes:
         _Staging.buffers = [
             torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)
@@ -214,7 +220,7 @@ def _copy_to_cuda(
         raise RuntimeError("a CUDA destination needs CUDA, which is not available")
     device = destination.device
     total = source.size
-    with torch.cuda.device(device):
+    with _Staging.lock, torch.cuda.device(device):
         staging = _staging_buffers(chunk_bytes)
         staging_numpy = [buffer.numpy() for buffer in staging]
         side = torch.cuda.Stream(device=device)
@@ -239,6 +245,6 @@ def _copy_to_cuda(
 
 def free_staging() -> None:
     """Release the pinned staging buffers (a replica that stops switching)."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), _Staging.lock:
         _Staging.buffers = []
         _Staging.chunk_bytes = 0

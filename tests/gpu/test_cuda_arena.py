@@ -78,3 +78,26 @@ def test_the_placement_service_owns_the_gpu_arena_and_shares_it() -> None:
     expected = int(packed[0].sum(dtype=np.int64))
     assert _read_in_another_process(arena, lease.region) == expected
     service.release(lease)
+
+
+def test_concurrent_switches_do_not_mix_their_bytes() -> None:
+    """The placement service copies several experts at once (on worker threads); each
+    region must end up with its own expert's bytes."""
+    import threading
+
+    arena = DeviceArena.cuda(1 << 24)
+    sources = [
+        np.random.default_rng(seed).integers(0, 255, 5_000_000, dtype=np.uint8) for seed in range(3)
+    ]
+    regions = [Region(i * (5 << 20), 5_000_000) for i in range(3)]
+    threads = [
+        threading.Thread(target=copy_into, args=(arena.view(region), source))
+        for region, source in zip(regions, sources, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    for region, source in zip(regions, sources, strict=True):
+        assert np.array_equal(arena.read(region), source)
