@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application, Deployment
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import AutoscalingSettings, CoEConfig, ConfigError, ExpertSettings, load_config
 from cluster.console import COE_PREFIX, sayer
@@ -27,6 +28,7 @@ from cluster.serve.deployments import (
 )
 from cluster.serve.placement_replica import SEE_EVERY_GPU
 from cluster.serve.ray_internals import with_version
+from cluster.serve.residency_router import ROUTER_PATH, STATS_PERIOD_S
 from cluster.setup_steps import prepare_checkpoints
 
 INGRESS_NAME = "ingress"
@@ -178,6 +180,13 @@ def build_app(config: CoEConfig, checkpoints: dict[str, Path]) -> Application:
     )
 
 
+# The executors' request router (ray's config model has untyped keyword arguments).
+ROUTER_SETTINGS: dict[str, Any] = {
+    "request_router_class": ROUTER_PATH,
+    "request_routing_stats_period_s": STATS_PERIOD_S,
+}
+
+
 def placement_actor_options(config: CoEConfig) -> dict[str, Any]:
     """On GPU tiers the placement service keeps an arena on every GPU of its node: Ray
     puts it on a GPU node (a small share of one GPU) and leaves all of them visible."""
@@ -213,6 +222,8 @@ def executor_deployment(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        # Prefer an executor whose GPU holds the expert (one GPU or a CPU: Serve's choice).
+        request_router_config=RequestRouterConfig(**ROUTER_SETTINGS),
         # The pooled experts arrive through reconfigure: adding or changing one keeps
         # the executors (and their streams) running.
         user_config={

@@ -204,6 +204,20 @@ class ExecutorReplica:
             "pid": os.getpid(),
         }
 
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What the executors' request router ranks this executor by (Serve asks every
+        `residency_router.STATS_PERIOD_S`): its device and the experts resident there."""
+        device = self.placement.device
+        if device is None:  # nothing described yet: no device chosen
+            return {}
+        try:
+            residency = await self.placement.handle.residency.remote()
+        except Exception as error:  # routing falls back to Serve's own choice
+            logger.warning("executor: residency for routing unavailable: %s", error)
+            return {"device": device}
+        held = residency.get(device, {}).get("residents", [])
+        return {"device": device, "resident": sorted(r["expert"] for r in held)}
+
     async def _report_forever(self) -> None:
         """Tell the placement service which regions the skeletons are bound to, so that
         a restarted service can rebuild residency."""
