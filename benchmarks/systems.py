@@ -292,11 +292,17 @@ def demo_checkpoints(say: Say) -> dict[str, Path]:
     return prepare_checkpoints(config, progress=say)
 
 
-def only_device(per_device: dict[str, Any]) -> Any:
-    """The one device's entry (the host's, or the GPU's with tiers.device 'cuda')."""
-    if len(per_device) != 1:
-        raise RuntimeError(f"expected one placement device, got {sorted(per_device)}")
-    return next(iter(per_device.values()))
+def ready_residents(residency: dict[str, Any]) -> list[str]:
+    """Experts resident and ready on any device (the host, or any GPU of the node); one
+    still being copied in is not ready to serve yet."""
+    return sorted(
+        {r["expert"] for device in residency.values() for r in device["residents"] if r["ready"]}
+    )
+
+
+def device_totals(devices: dict[str, Any], *names: str) -> dict[str, int]:
+    """Counters summed over the devices (one on a CPU node, one per GPU)."""
+    return {name: sum(int(device[name]) for device in devices.values()) for name in names}
 
 
 def replica_memory_bytes(app_name: str) -> int:
@@ -451,9 +457,7 @@ class RunningSystem:
         if self.name == "multiplex":
             return sorted({name for info in self.multiplex_infos() for name in info["loaded"]})
         placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
-        device = only_device(placement.residency.remote().result(timeout_s=10))
-        # One still being copied in is not ready to serve yet.
-        return [r["expert"] for r in device["residents"] if r["ready"]]
+        return ready_residents(placement.residency.remote().result(timeout_s=10))
 
     def multiplex_infos(self) -> list[dict[str, Any]]:
         from benchmarks.multiplex_app import MULTIPLEX_NAME
@@ -498,9 +502,10 @@ class RunningSystem:
             device_bytes = sum(int(i["peak_loaded_bytes"]) for i in found)
         else:
             placement = serve.get_deployment_handle(PLACEMENT_NAME, APP_NAME)
-            device = only_device(placement.metrics.remote().result(timeout_s=10)["devices"])
-            switches, hits = int(device["switches"]), int(device["hits"])
-            device_bytes = scenario.hbm_budget_bytes
+            devices = placement.metrics.remote().result(timeout_s=10)["devices"]
+            totals = device_totals(devices, "switches", "hits")
+            switches, hits = totals["switches"], totals["hits"]
+            device_bytes = scenario.hbm_budget_bytes * len(devices)
         lookups = max(1, switches + hits)
         peak = self.timeline.peak
         return {

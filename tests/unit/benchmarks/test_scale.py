@@ -264,3 +264,15 @@ def test_prompts_over_the_cluster_limit_are_left_out(
     code = scale.main(["--prompts", str(long_only), "--json", str(tmp_path / "s.json")])
     assert code == 2
     assert "no prompt of at most 8000 characters" in capsys.readouterr().err
+
+
+def test_residency_and_counters_are_read_over_every_device() -> None:
+    from benchmarks.systems import device_totals, ready_residents
+
+    residency = {
+        "gpu0": {"residents": [{"expert": "a", "ready": True}, {"expert": "b", "ready": False}]},
+        "gpu1": {"residents": [{"expert": "a", "ready": True}, {"expert": "c", "ready": True}]},
+    }
+    assert ready_residents(residency) == ["a", "c"]
+    devices = {"gpu0": {"switches": 3.0, "hits": 1.0}, "gpu1": {"switches": 2.0, "hits": 5.0}}
+    assert device_totals(devices, "switches", "hits") == {"switches": 5, "hits": 6}
