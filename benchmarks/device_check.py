@@ -219,7 +219,9 @@ def injection_check(device: str, dtype: str = "float16") -> dict[str, Any]:
     }
 
 
-def scale_check(gpu_share: float, duration_s: float, workdir: Path) -> dict[str, Any]:
+def scale_check(
+    gpu_share: float, duration_s: float, workdir: Path, prompts: list[Path] | None = None
+) -> dict[str, Any]:
     """The scale benchmark's coe and multiplex systems, each replica with a GPU share."""
     output = workdir / "scale_cuda.json"
     command = [
@@ -247,6 +249,8 @@ def scale_check(gpu_share: float, duration_s: float, workdir: Path) -> dict[str,
         "--json",
         str(output),
     ]
+    if prompts:
+        command += ["--prompts", *map(str, prompts)]
     say("scale benchmark on CUDA: " + " ".join(command[2:]))
     subprocess.run(command, check=True)
     found = json.loads(output.read_text())
@@ -293,9 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     add("--copy-mb", type=float, default=512.0, help="bytes of the switch copy, MB")
     add("--repeats", type=int, default=7, help="timed copies per side (median)")
-    add("--scale-duration", type=float, default=60.0, help="seconds of arrivals per system")
+    add("--scale-duration", type=float, default=45.0, help="seconds of arrivals per system")
     add("--gpu-share", type=float, default=0.3, help="GPU share of each serving replica")
     add("--skip-scale", action="store_true", help="leave out the scale benchmark")
+    add("--prompts", type=Path, nargs="*", default=None, help="the scale benchmark's prompts")
     add("--json", type=Path, required=True, help="where to write the results")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -327,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device == "cuda" and not args.skip_scale:
         with tempfile.TemporaryDirectory() as workdir:
-            result.update(scale_check(args.gpu_share, args.scale_duration, Path(workdir)))
+            result.update(
+                scale_check(args.gpu_share, args.scale_duration, Path(workdir), args.prompts)
+            )
     result["goals"] = goals(result)
     result["wall_s"] = time.monotonic() - started
     write_json(args.json, result)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The device check, on one GPU machine from a clone (about 6 minutes on one H100 once
-# set up):
+# The device check, on one GPU machine from a clone. Sized for under 8 minutes on one
+# H100 with the environment set up (not yet timed: no GPU has run it); DeepSpeed
+# compiles its inference op on first use, which is most of the injection step:
 #
-#   benchmarks/device_check.sh [results.json]   (default benchmarks/results/device_check.json)
+#   benchmarks/device_check.sh [results.json [device_check options...]]
+#       (default benchmarks/results/device_check.json; e.g. --prompts FILE... when the
+#       scale benchmark's prompts are not at ../shared/data/prompts)
 #
 # 1. `make setup` (torch's CUDA build, pinned like the CPU one); with PYTHON=... set,
 #    that interpreter's environment is used as it is (a machine without internet).
@@ -23,5 +26,5 @@ echo "[device-check] CUDA unit tests"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu tests/unit/memory_tiers \
     tests/unit/cluster/serve/test_gpu_arena.py tests/unit/actors/engines
 echo "[device-check] switch, kernel injection and the scale benchmark on CUDA"
-"$PYTHON" -m benchmarks.device_check --device cuda --json "$out"
+"$PYTHON" -m benchmarks.device_check --device cuda --json "$out" "${@:2}"
 echo "[device-check] wrote $out"
