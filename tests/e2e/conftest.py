@@ -93,7 +93,7 @@ def wait_for_serve_status(dashboard_url: str, env: dict[str, str], timeout_s: fl
             raise AssertionError(f"serve deploy failed:\n{status}")
         if "status: RUNNING" in status:
             return
-        time.sleep(5)
+        time.sleep(1)  # each `serve status` is a process start of its own, about two seconds
     raise AssertionError(f"not RUNNING within {timeout_s}s:\n{status}")
 
 

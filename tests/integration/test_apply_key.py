@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,17 @@ def test_apply_refuses_an_unmeant_key_change_and_keeps_the_ingress(
     replica, fingerprint = ingress_state()
     assert fingerprint == key_fingerprint(KEY)
 
-    code, output = apply(config_file, None)  # an operator whose shell lacks the key
+    # Both refusals apply nothing, so they run at once (each is a process start).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        lacking = pool.submit(apply, config_file, None)  # a shell without the key
+        other = pool.submit(apply, config_file, "another-key")
+    code, output = lacking.result()
     assert code == 2, output
     assert "turns authentication OFF" in output and "--change-api-key" in output
-    assert ingress_state() == (replica, fingerprint)  # nothing was applied
-
-    code, output = apply(config_file, "another-key")
+    code, output = other.result()
     assert code == 2, output
     assert "CHANGES the API key" in output
-    assert ingress_state() == (replica, fingerprint)
+    assert ingress_state() == (replica, fingerprint)  # nothing was applied
 
     code, output = apply(config_file, KEY)  # the same config and key: nothing to restart
     assert code == 0, output

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -376,14 +377,15 @@ HUNG_APP = "hung"
 HUNG_TIMEOUT_S = 6.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def hung(
     cluster: RunningCluster,
     checkpoints: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
     """Two experts, room for one, one active slot, a short request timeout: while one
-    replica holds its grant, the other expert cannot be answered at all."""
+    replica holds its grant, the other expert cannot be answered at all. One test uses
+    it: its five replicas are gone before the next test starts."""
     from ray import serve
 
     from cluster.serve.app import build_app
@@ -535,12 +537,110 @@ def test_an_expert_lost_from_the_object_store_is_rebuilt_from_disk(
     assert lost in resident_offsets(faults)
 
 
+def coe_apply(path: Path, *flags: str) -> tuple[int, str]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "apply", str(path), *flags],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    print(f"apply {path.name}: rc {result.returncode} in {time.monotonic() - started:.1f}s")
+    print(output)
+    return result.returncode, output
+
+
+@pytest.mark.timeout(180)
+def test_a_bad_config_is_rejected_and_the_application_keeps_serving(
+    faults: dict[str, Any],
+    references: dict[str, str],
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    good = faults["config"].model_dump(mode="json", exclude={"serve": {"api_key"}})
+    unknown_expert = {**good, "category_map": {"general": "ghost"}}
+    torn_checkpoint = {
+        **good,
+        "experts": [
+            *good["experts"],
+            {**good["experts"][0], "name": "torn", "checkpoint": str(checkpoints["torn"])},
+        ],
+    }
+    cases = [
+        ("unknown-expert", unknown_expert, "ghost"),
+        ("torn-checkpoint", torn_checkpoint, str(checkpoints["torn"])),
+    ]
+    for name, bad, _ in cases:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(bad), encoding="utf-8")
+    # Both are refused before anything is deployed, so they run at once.
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        results = list(pool.map(lambda case: coe_apply(tmp_path / f"{case[0]}.yaml"), cases))
+    for (_, _, named), (code, output) in zip(cases, results, strict=True):
+        assert code == 2, output
+        assert "error:" in output and named in output
+    for expert in EXPERTS:
+        assert_answered_by(ask(faults, expert), expert, references)
+
+
+@pytest.mark.timeout(420)
+def test_a_valid_config_that_cannot_deploy_fails_the_apply_and_the_app_keeps_serving(
+    faults: dict[str, Any],
+    references: dict[str, str],
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The config passes every check, but its new expert asks for more CPUs than any
+    node has: Serve can never place its replica. `coe apply` must fail at its deadline
+    naming that deployment (never wait forever), the running experts keep answering, and
+    applying the previous config withdraws the new expert (its bytes too)."""
+    from ray import serve
+
+    good = faults["config"].model_dump(mode="json", exclude={"serve": {"api_key"}})
+    good["serve"]["route_prefix"] = f"/{APP}"  # where the fixture put it, beside the demo
+    unplaceable = {
+        **good["experts"][0],
+        "name": "unplaceable",
+        "checkpoint": str(checkpoints["whole"]),
+        # More CPUs than any node has. (Ray placed a replica asking for a petabyte of
+        # `memory` here: that resource is not a bound Ray enforces for this test. A GPU
+        # count would not do either: with host tiers the config refuses a GPU share.)
+        "ray_actor_options": {"num_cpus": 4096},
+    }
+    bad = {**good, "experts": [*good["experts"], unplaceable]}
+    bad_path, good_path = tmp_path / "unplaceable.yaml", tmp_path / "good.yaml"
+    bad_path.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    good_path.write_text(yaml.safe_dump(good), encoding="utf-8")
+
+    # The deadline only has to pass; the running deployments need no time to stay up.
+    code, output = coe_apply(bad_path, "--timeout", "10")
+    assert code == 1, output
+    assert "error:" in output and "not running 10 s after the apply" in output
+    assert "expert-unplaceable" in output
+    for expert in EXPERTS:
+        assert_answered_by(ask(faults, expert), expert, references)
+
+    code, output = coe_apply(good_path)
+    assert code == 0, output
+    assert "expert-unplaceable" not in serve.status().applications[APP].deployments
+    placement = faults["placement"]
+    with pytest.raises(Exception, match="unknown expert"):
+        placement.describe.remote("unplaceable").result(timeout_s=60)
+    for expert in EXPERTS:
+        assert_answered_by(ask(faults, expert), expert, references)
+
+
 def whole_status(app: str) -> str:
     from ray import serve
 
     return str(serve.status().applications[app].deployments["expert-whole"].status.value)
 
 
+# Runs last: the apply test before it leaves Serve stopping the unplaceable replica,
+# which never started, so Serve kills it only after graceful_shutdown_timeout_s (20 s).
+# This test's application starts meanwhile, rather than the module's teardown waiting.
 @pytest.mark.timeout(300)
 def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
     cluster: RunningCluster,
@@ -581,93 +681,3 @@ def test_a_truncated_checkpoint_marks_its_expert_and_the_others_serve(
     finally:
         serve.delete(BROKEN_APP)
         remove_arena(config)
-
-
-def coe_apply(path: Path, *flags: str) -> tuple[int, str]:
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "apply", str(path), *flags],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    print(f"apply {path.name}: rc {result.returncode} in {time.monotonic() - started:.1f}s")
-    print(output)
-    return result.returncode, output
-
-
-@pytest.mark.timeout(180)
-def test_a_bad_config_is_rejected_and_the_application_keeps_serving(
-    faults: dict[str, Any],
-    references: dict[str, str],
-    checkpoints: dict[str, Path],
-    tmp_path: Path,
-) -> None:
-    good = faults["config"].model_dump(mode="json", exclude={"serve": {"api_key"}})
-    unknown_expert = {**good, "category_map": {"general": "ghost"}}
-    torn_checkpoint = {
-        **good,
-        "experts": [
-            *good["experts"],
-            {**good["experts"][0], "name": "torn", "checkpoint": str(checkpoints["torn"])},
-        ],
-    }
-    for name, bad, named in [
-        ("unknown-expert", unknown_expert, "ghost"),
-        ("torn-checkpoint", torn_checkpoint, str(checkpoints["torn"])),
-    ]:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(bad), encoding="utf-8")
-        code, output = coe_apply(path)
-        assert code == 2, output
-        assert "error:" in output and named in output
-    for expert in EXPERTS:
-        assert_answered_by(ask(faults, expert), expert, references)
-
-
-@pytest.mark.timeout(420)
-def test_a_valid_config_that_cannot_deploy_fails_the_apply_and_the_app_keeps_serving(
-    faults: dict[str, Any],
-    references: dict[str, str],
-    checkpoints: dict[str, Path],
-    tmp_path: Path,
-) -> None:
-    """The config passes every check, but its new expert asks for more GPUs than any
-    node has: Serve can never place its replica. `coe apply` must fail at its deadline
-    naming that deployment (never wait forever), the running experts keep answering, and
-    applying the previous config withdraws the new expert (its bytes too)."""
-    from ray import serve
-
-    good = faults["config"].model_dump(mode="json", exclude={"serve": {"api_key"}})
-    good["serve"]["route_prefix"] = f"/{APP}"  # where the fixture put it, beside the demo
-    unplaceable = {
-        **good["experts"][0],
-        "name": "unplaceable",
-        "checkpoint": str(checkpoints["whole"]),
-        # More GPUs than any node has. (Ray placed a replica asking for a petabyte of
-        # `memory` here: that resource is not a bound Ray enforces for this test.)
-        "ray_actor_options": {"num_cpus": 0, "num_gpus": 64},
-    }
-    bad = {**good, "experts": [*good["experts"], unplaceable]}
-    bad_path, good_path = tmp_path / "unplaceable.yaml", tmp_path / "good.yaml"
-    bad_path.write_text(yaml.safe_dump(bad), encoding="utf-8")
-    good_path.write_text(yaml.safe_dump(good), encoding="utf-8")
-
-    code, output = coe_apply(bad_path, "--timeout", "20")
-    assert code == 1, output
-    assert "error:" in output and "not running 20 s after the apply" in output
-    assert "expert-unplaceable" in output
-    for expert in EXPERTS:
-        assert_answered_by(ask(faults, expert), expert, references)
-
-    code, output = coe_apply(good_path)
-    assert code == 0, output
-    assert "expert-unplaceable" not in serve.status().applications[APP].deployments
-    placement = faults["placement"]
-    with pytest.raises(Exception, match="unknown expert"):
-        placement.describe.remote("unplaceable").result(timeout_s=60)
-    for expert in EXPERTS:
-        assert_answered_by(ask(faults, expert), expert, references)
