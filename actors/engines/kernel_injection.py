@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.engines.transformers_engine import default_device
 from actors.weights.tiered_weights import SharedSkeleton, skeleton_key
 from memory_tiers.ddr import PLAIN_LAYOUT, CheckpointSource, ExpertSource, expert_source
 from memory_tiers.packing import TensorIndex, pack_module
@@ -82,10 +83,6 @@ def deepspeed_inject(model: Any, dtype: torch.dtype) -> Any:
     return injected
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def injected_packed(
     checkpoint_dir: Path, dtype: str, inject: Inject | None = None
 ) -> tuple[np.ndarray, TensorIndex]:
@@ -98,7 +95,7 @@ def injected_packed(
         str(checkpoint_dir), dtype=torch_dtype, use_safetensors=True
     )
     with torch.inference_mode(False):
-        injected = (inject or deepspeed_inject)(model.to(_device()).eval(), torch_dtype)
+        injected = (inject or deepspeed_inject)(model.to(default_device()).eval(), torch_dtype)
     return pack_module(injected)
 
 
@@ -115,7 +112,7 @@ def injected_skeleton(
 
     torch_dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(str(checkpoint_dir))
-    with torch.device(_device()):
+    with torch.device(default_device()):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     injected = (inject or deepspeed_inject)(model.eval(), torch_dtype)
     setattr(injected, PREPARED_MARK, True)

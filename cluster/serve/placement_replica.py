@@ -29,6 +29,7 @@ from actors.engines.kernel_injection import checkpoint_source, packed_layout
 from cluster.config import CoEConfig, parse_config
 from cluster.serve.metrics import TierMetrics
 from cluster.serve.object_store import RayObjectStore
+from memory_tiers.arena import DEVICE_KINDS
 from memory_tiers.arena_files import remove_stale, remove_unused
 from memory_tiers.bulk_packing import PackOutcome, pack_many
 from memory_tiers.ddr import ObjectStore, expert_source
@@ -152,7 +153,7 @@ class PlacementReplica:
         named = {e.name for e in settings.experts}
         for gone in sorted({*grants.placement.experts(), *grants.broken} - named):
             grants.unregister(gone)
-        gpu = grants.placement.arena_kind(grants.device) in ("cuda", "fake")
+        gpu = grants.placement.arena_kind(grants.device) in DEVICE_KINDS
         layouts = {
             e.name: packed_layout(e.engine, checkpoints[e.name], gpu) for e in settings.experts
         }

@@ -52,9 +52,7 @@ def rank_by_residency(
 def two_choices(candidates: list[ReplicaID]) -> list[ReplicaID]:
     """Two distinct candidates at random (one when there is one): Serve probes both
     queue lengths and takes the shorter."""
-    if len(candidates) <= 2:
-        return random.sample(candidates, len(candidates))
-    return random.sample(candidates, 2)
+    return random.sample(candidates, min(2, len(candidates)))
 
 
 class ResidencyRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
